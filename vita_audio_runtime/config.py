@@ -207,8 +207,9 @@ PRESETS: dict[str, Preset] = {
     # CPU tests: every shape small and odd-sized, GQA 4:2, 10 MCTP modules as in the release.
     "tiny": _preset("tiny", text=200, audio=64, hidden=64, inter=136, layers=2, heads=4, kv_heads=2,
                     max_seq_len=192, dtype="float32"),
-    # CPU demo with the 7B's proportions: 28 + 10 layers, GQA 7:1, MLP 5.3x, head ~2.5 layers.
-    "small": _preset("small", text=4000, audio=16384, hidden=448, inter=2368, layers=28, heads=14, kv_heads=2,
+    # CPU demo with the 7B's proportions: 28 + 10 layers, GQA 7:1, MLP 5.3x, head ~2.5 layers
+    # (fewer audio codes than the 7B's 16384 keep the head in proportion at this width).
+    "small": _preset("small", text=4100, audio=6144, hidden=224, inter=1184, layers=28, heads=14, kv_heads=2,
                      max_seq_len=512, dtype="float32"),
     # The released geometry and token ids (V = 168072), initialised directly on the target device.
     "7b": _preset("7b", text=151643, audio=16384, hidden=3584, inter=18944, layers=28, heads=28, kv_heads=4,

@@ -1,0 +1,134 @@
+"""`vita-audio`: generate on a checkpoint or a built-in preset; `bench` runs the GPU suite."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vita-audio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate tokens in one of the four modes")
+    g.add_argument("--model", default="small", help="checkpoint directory, or a preset: tiny, small, 7b")
+    g.add_argument("--mode", default="boost", help="vanilla | balance | boost | turbo | a list like 1,10,4,10")
+    prompt = g.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated prompt token ids")
+    prompt.add_argument("--prompt-len", type=int, help="a random prompt of this many text ids (seeded)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (overrides generation_config)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--dtype", help="fp32 | bf16 | fp16 (default: the checkpoint's or preset's)")
+    g.add_argument("--backend", default="auto", help="auto | triton | cuda | torch")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-seq-len", type=int)
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly on a GPU")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    b = sub.add_parser("bench", help="the GPU benchmark suite (needs a CUDA device)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks/run_all.py")
+    return parser
+
+
+def _generate(args) -> int:
+    if args.backend == "triton" and (args.device or "cpu").startswith("cpu"):
+        import torch
+
+        if not torch.cuda.is_available() or (args.device or "").startswith("cpu"):
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    import torch
+
+    from vita_audio_runtime.engine import Engine
+    from vita_audio_runtime.schedule import Mode
+
+    Mode.parse(args.mode)  # a bad mode fails before the model is built
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompt_len is not None and args.prompt_len < 1:
+        raise ValueError(f"--prompt-len must be >= 1, got {args.prompt_len}")
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                                    max_seq_len=args.max_seq_len, cuda_graphs=False if args.no_cuda_graphs else None,
+                                    seed=args.seed)
+    if args.prompt_ids is not None:
+        prompt = args.prompt_ids
+    else:
+        n_text = min(engine.special.eos_ids) if engine.special.eos_ids else engine.cfg.vocab_size
+        gen = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(0, n_text, (args.prompt_len or 32,), generator=gen).tolist()
+    result = engine.generate(prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                             do_sample=False if args.greedy else None, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             seed=args.seed, ignore_eos=args.ignore_eos)
+    if args.json:
+        print(json.dumps({
+            "model": str(args.model), "mode": args.mode, "device": str(engine.model.device),
+            "dtype": str(engine.model.dtype).replace("torch.", ""), "backend": engine.kernels.choice,
+            "prompt": prompt, "tokens": result.tokens, "producers": result.producer_names,
+            "stop_reason": result.stop_reason, "timings": result.timings,
+            "audio_chunks": [{"codes": c.codes, "complete": c.complete} for c in result.audio_chunks],
+            "memory_bytes": engine.memory_report(),
+        }))
+        return 0
+    print(f"model {args.model} on {engine.model.device} ({str(engine.model.dtype).replace('torch.', '')}), "
+          f"backend {engine.kernels.name}, mode {args.mode}, prompt {len(prompt)} tokens")
+    line = []
+    for token, producer in zip(result.tokens, result.producer_names):
+        line.append(f"{token}[{producer}]")
+    print("tokens:", " ".join(line))
+    counts = {}
+    for p in result.producer_names:
+        key = "llm" if p == "llm" else "mtp"
+        counts[key] = counts.get(key, 0) + 1
+    print(f"produced: {counts.get('llm', 0)} by the LLM, {counts.get('mtp', 0)} by MCTP modules; "
+          f"stop: {result.stop_reason}")
+    for i, chunk in enumerate(result.audio_chunks):
+        state = "" if chunk.complete else " (incomplete)"
+        print(f"audio chunk {i}{state}: {len(chunk.codes)} codes {chunk.codes}")
+    if not result.audio_chunks:
+        print("audio chunks: none (random weights rarely emit begin/end-of-audio pairs)")
+    t = result.timings
+    fmt = lambda v: "n/a" if v is None else f"{v * 1e3:.1f} ms"  # noqa: E731
+    print(f"time to first token {fmt(t['ttft_s'])}, to first {1 + engine.cfg.num_mtp_modules} tokens "
+          f"{fmt(t['first_chunk_s'])}, to first audio chunk {fmt(t['first_audio_chunk_s'])}; "
+          f"{t['tokens_per_s']:.1f} tokens/s over {len(result.tokens)} tokens")
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("vita-audio bench needs a CUDA GPU (it times kernels against the device's memory bandwidth); "
+              "none is available here. On a CPU, run the CPU benchmarks: pytest benchmarks/ --benchmark-enable",
+              file=sys.stderr)
+        return 2
+    from benchmarks import run_all
+
+    return run_all.main(args.args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vita_audio_runtime.config import CheckpointError
+
+    try:
+        return _generate(args) if args.command == "generate" else _bench(args)
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
