@@ -3,12 +3,14 @@
 A backend is chosen explicitly and resolved once: `torch` (the references, runs anywhere),
 `triton` (the fused Triton kernels; on a CPU only under TRITON_INTERPRET=1), `cuda` (the CUDA
 C++ extension for the ops it has, Triton for the rest) and `auto` (the reference on a CPU;
-on a GPU, per op, the implementation that measured fastest, see `AUTO_CHOICE`). Nothing is
+on a GPU, per op, the implementation that measured fastest, see `auto_choice`). Nothing is
 patched at import time and no global state is rebound.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,9 +19,16 @@ from vita_kernels.registry import OpSpec, ops
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
-# Per op, the implementation `auto` uses on a GPU. It follows measured results: ops without a
-# measurement on record use Triton. Update from benchmarks/results/ after a GPU run.
-AUTO_CHOICE: dict[str, str] = {}
+# Per op, the implementation `auto` uses on a GPU, as measured by `benchmarks/bench_ops.py
+# --write-auto` ({"device_name": ..., "choice": {op: impl}}). Ops without a measurement use Triton.
+AUTO_CHOICE_FILE = Path(__file__).with_name("auto_choice.json")
+
+
+def auto_choice(path: Path = AUTO_CHOICE_FILE) -> dict[str, str]:
+    """The measured per-op preference for `auto`, or {} where none has been recorded."""
+    if not path.exists():
+        return {}
+    return dict(json.loads(path.read_text()).get("choice", {}))
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -54,17 +63,17 @@ class KernelBackend:
         return f"KernelBackend({self.name!r}, {self.choice})"
 
 
-def _pick(spec: OpSpec, name: str, device: torch.device) -> str:
+def _pick(spec: OpSpec, name: str, device: torch.device, measured: dict[str, str]) -> str:
     if name == "torch":
         return "torch"
     if name == "triton":
         return "triton" if "triton" in spec.impls else "torch"
     if name == "cuda":
-        return "cuda" if "cuda" in spec.impls else _pick(spec, "triton", device)
+        return "cuda" if "cuda" in spec.impls else _pick(spec, "triton", device, measured)
     # auto
     if device.type != "cuda":
         return "torch"
-    preferred = AUTO_CHOICE.get(spec.name, "triton")
+    preferred = measured.get(spec.name, "triton")
     if preferred == "cuda" and ("cuda" not in spec.impls or cuda_extension() is None):
         preferred = "triton"
     return preferred if preferred in spec.impls else "torch"
@@ -89,8 +98,9 @@ def resolve_backend(name: str, device: torch.device | str) -> KernelBackend:
                 "reinstall with a CUDA-enabled torch and nvcc (VITA_KERNELS_FORCE_CUDA_BUILD=1 to see why)"
             )
     impls, choice = {}, {}
+    measured = auto_choice() if name == "auto" and device.type == "cuda" else {}
     for spec in ops():
-        picked = _pick(spec, name, device)
+        picked = _pick(spec, name, device, measured)
         choice[spec.name] = picked
         impls[spec.name] = spec.ref if picked == "torch" else spec.impls[picked]
     return KernelBackend(name, impls, choice)

@@ -1,0 +1,69 @@
+"""The CUDA-graph decode loop: graph replays equal eager steps, and replays allocate nothing."""
+import pytest
+import torch
+
+from vita_audio_runtime.checkpoint import random_tensors
+from vita_audio_runtime.config import PRESETS
+from vita_audio_runtime.engine import Engine
+
+pytestmark = pytest.mark.gpu
+MODES = ["vanilla", "balance", "boost", "turbo"]
+
+
+def _engine(preset, dtype, backend, graphs, tensors):
+    p = PRESETS[preset]
+    return Engine(p.config, {k: v.clone() for k, v in tensors.items()}, p.special_tokens(), p.defaults,
+                  backend=backend, max_seq_len=512, cuda_graphs=graphs)
+
+
+@pytest.fixture(scope="module")
+def tiny_tensors():
+    return random_tensors(PRESETS["tiny"].config, torch.float32, "cuda", seed=5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", MODES)
+def test_graph_loop_equals_eager_loop(tiny_tensors, backend, mode):
+    prompt = list(range(3, 35))
+    eager = _engine("tiny", torch.float32, backend, False, tiny_tensors)
+    graphs = _engine("tiny", torch.float32, backend, True, tiny_tensors)
+    a = eager.generate(prompt, mode=mode, max_new_tokens=120, ignore_eos=True)
+    b = graphs.generate(prompt, mode=mode, max_new_tokens=120, ignore_eos=True)
+    assert len(graphs.runner.graphs) > 0
+    assert b.tokens == a.tokens and b.producers == a.producers
+    again = graphs.generate(prompt, mode=mode, max_new_tokens=120, ignore_eos=True)  # all replays now
+    assert again.tokens == a.tokens
+
+
+def test_graph_loop_sampling_equals_eager(tiny_tensors):
+    kwargs = dict(mode="boost", max_new_tokens=60, do_sample=True, temperature=0.9, top_k=50, top_p=0.95,
+                  repetition_penalty=1.1, seed=11, ignore_eos=True)
+    a = _engine("tiny", torch.float32, "triton", False, tiny_tensors).generate(list(range(1, 20)), **kwargs)
+    b = _engine("tiny", torch.float32, "triton", True, tiny_tensors).generate(list(range(1, 20)), **kwargs)
+    assert a.tokens == b.tokens
+
+
+def test_replays_allocate_nothing(tiny_tensors):
+    engine = _engine("tiny", torch.float32, "triton", True, tiny_tensors)
+    prompt = list(range(3, 35))
+    engine.generate(prompt, mode="turbo", max_new_tokens=100, ignore_eos=True)  # captures
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    graphs_before = len(engine.runner.graphs)
+    engine.generate(prompt, mode="turbo", max_new_tokens=100, ignore_eos=True)
+    torch.cuda.synchronize()
+    assert len(engine.runner.graphs) == graphs_before
+    assert torch.cuda.memory_allocated() == before
+    assert engine.memory_report()["graph_pool"] >= 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_7b_graph_equals_eager_bf16(mode):
+    tensors = random_tensors(PRESETS["7b"].config, torch.bfloat16, "cuda", seed=0)
+    prompt = list(range(100, 132))
+    eager = _engine("7b", torch.bfloat16, "triton", False, tensors)
+    a = eager.generate(prompt, mode=mode, max_new_tokens=48, ignore_eos=True)
+    del eager
+    graphs = _engine("7b", torch.bfloat16, "triton", True, tensors)
+    b = graphs.generate(prompt, mode=mode, max_new_tokens=48, ignore_eos=True)
+    assert b.tokens == a.tokens
