@@ -43,13 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args) -> int:
-    if args.backend == "triton" and (args.device or "cpu").startswith("cpu"):
-        import torch
-
-        if not torch.cuda.is_available() or (args.device or "").startswith("cpu"):
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     import torch
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backend == "triton" and device.startswith("cpu"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on a CPU: before any kernel is defined
     from vita_audio_runtime.engine import Engine
     from vita_audio_runtime.schedule import Mode
 
@@ -121,7 +119,7 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vita_audio_runtime.config import CheckpointError
+    from vita_audio_runtime.config import CheckpointError  # imports no kernel module
 
     try:
         return _generate(args) if args.command == "generate" else _bench(args)
