@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vita_kernels import _tl
 from vita_kernels.registry import Case, Geometry, OpSpec, cache_position, randn
 
 
@@ -60,8 +61,9 @@ def attention_ref(
 # Numerics: scores and the online softmax in fp32, in the exp2 domain (scores times log2(e)/sqrt(d)).
 # Loads are cast to fp32 right after tl.load (required by the CPU interpreter). On a GPU the
 # fp32 dots run as TF32 for bf16/fp16 inputs: bf16 (8-bit) and fp16 (11-bit) significands are
-# exact in TF32, so q.K^T is exact and only P (probabilities in [0, 1]) is rounded to TF32's 11
-# bits before P @ V, finer than flash-attention's bf16 P. fp32 inputs use IEEE fp32 dots.
+# exact in TF32, so the q.K^T products are exact (accumulated in fp32) and only P (in [0, 1]) is
+# rounded, to TF32's 11 bits, before P @ V: finer than flash-attention's bf16 P. fp32 inputs use
+# IEEE fp32 dots.
 # --------------------------------------------------------------------------------------------
 
 
@@ -102,7 +104,7 @@ def _attention_kernel(
     kv_end = tl.minimum(kv_end, max_len)
 
     q = tl.load(q_ptr + row[:, None] * stride_qr + head[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
 
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_vh
@@ -115,7 +117,7 @@ def _attention_kernel(
         n = start + tl.arange(0, BLOCK_N)
         n_valid = n < kv_end
         k = tl.load(k_base + n[None, :] * stride_ks + d[:, None] * stride_kd,
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [D, N]
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0).to(tl.float32)  # [D, N]
         # Scaled after the dot, not folded into q: q stays exact in TF32 (see Numerics above).
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N]
         s = tl.where((n[None, :] <= limit[:, None]) & n_valid[None, :], s, float("-inf"))
@@ -128,9 +130,10 @@ def _attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m_i = m_new
 
-    o = acc / l_i[:, None]
+    # Rounded to nearest even through _tl.round_to: the CPU interpreter's own cast truncates.
+    o = _tl.round_to(acc / l_i[:, None], out_ptr.dtype.element_ty)
     tl.store(out_ptr + row[:, None] * stride_or + (head[:, None] * HEAD_DIM + d[None, :]) * stride_oc,
-             o.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+             o, mask=m_valid[:, None] & d_valid[None, :])
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -152,13 +155,15 @@ def _launch_config(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, 
     block_m = 16 if heads == 1 else max(64, heads_p)
     block_r = block_m // heads_p
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # Register budget at d = 128 with fp32 tiles: K and V blocks of 128 x 64 and a 64 x 128
-    # accumulator fit 8 warps without spills; the 16-row decode tile fits 4 warps.
-    block_n = 64 if block_d <= 128 else 32
+    # Register budget, from `python -m vita_kernels.aot` at d = 128 on sm_90 (fp32 tiles, since
+    # loads are cast to fp32): bf16/fp16 per-head tile, 32-slot blocks, 4 warps: 168 registers;
+    # grouped 64-row tile, 8 warps: 192; both without spills, where 64-slot blocks spill. IEEE
+    # fp32 dots (fp32 inputs) are FMA loops and need 16-slot blocks and 8 warps (98 / 142).
+    fp32 = dtype == torch.float32
+    block_n = 16 if fp32 or block_d > 128 else 32
     constexprs = dict(GROUP=group, HEADS=heads, HEADS_P=heads_p, BLOCK_R=block_r, BLOCK_N=block_n,
-                      HEAD_DIM=head_dim, BLOCK_D=block_d,
-                      PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    options = dict(num_warps=4 if block_m <= 16 else 8, num_stages=2)
+                      HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION="ieee" if fp32 else "tf32")
+    options = dict(num_warps=4 if heads == 1 and not fp32 else 8, num_stages=2)
     grid = (num_kv_heads * (group // heads), triton.cdiv(rows, block_r))
     return grid, constexprs, options
 

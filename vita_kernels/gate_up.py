@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from vita_kernels import _tl
 from vita_kernels.norm import rmsnorm_ref
-from vita_kernels.registry import Case, Geometry, OpSpec, norm_weight, randn, weight
+from vita_kernels.registry import GEOMETRIES, Case, Geometry, OpSpec, norm_weight, randn, weight
 
 
 def norm_gate_up_ref(
@@ -29,6 +32,94 @@ def norm_gate_up_ref(
     return y
 
 
+@triton.jit
+def _norm_gate_up_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, R, I, eps, stride_xr, stride_or,
+                         H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x MLP columns n in [pid_n * BLOCK_N, +BLOCK_N),
+    with two accumulators: gate rows n and up rows I + n of w_gate_up, so the SiLU * up epilogue
+    needs nothing from another program.
+
+    Traffic: the [2I, H] weight once (the floor), x rows and norm weight from L2 (the RMS
+    statistics are recomputed per program instead of a separate norm launch + round trip), R * I
+    outputs. The normalised activations are never written.
+    """
+    pid_n = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < I
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    x_rows = x_ptr + rows * stride_xr
+    rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=BLOCK_K)
+    gate_rows = w_ptr + n.to(tl.int64) * H
+    up_rows = w_ptr + (n + I).to(tl.int64) * H
+    acc_gate = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    acc_gate, acc_up = _tl.gemv_accumulate(acc_gate, acc_up, x_rows, row_mask, gate_rows, up_rows, n_mask, H, 0,
+                                           rstd, norm_w_ptr, rstd, norm_w_ptr, NORMS=1, TWO=True, BLOCK_K=BLOCK_K)
+    # The reference rounds gate and up (F.linear), silu(gate) (F.silu) and the product.
+    gate = _tl.round_to(acc_gate, dtype)
+    up = _tl.round_to(acc_up, dtype)
+    y = _tl.round_to(_tl.round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+    mask = row_mask[:, None] & n_mask[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_or + n[None, :], y, mask=mask)
+
+
+def _config(device_type: str, rows: int, intermediate: int, hidden: int) -> dict:
+    return dict(H=hidden, **_tl.gemv_blocks(device_type, rows, intermediate, hidden, tiles=2))
+
+
+def norm_gate_up(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = silu(h @ W_gate^T) * (h @ W_up^T), h = rmsnorm(x): one fused Triton GEMV (= norm_gate_up_ref).
+
+    x: [R, H]; norm_weight: [H]; w_gate_up: [2I, H] contiguous (gate rows, then up rows); one
+    dtype. Returns [R, I]. Grid at 7B (I = 18944): 32-column blocks of gate and up (592
+    programs) at R <= 4, 32 with tl.dot at R > 4.
+    """
+    dtype = _tl.model_dtype("x", x)
+    dev = x.device
+    _tl.expect("w_gate_up", w_gate_up, ["2I", "H"], dtype, dev, contiguous=True)
+    two_i, hidden = w_gate_up.shape
+    if two_i % 2:
+        raise ValueError(f"w_gate_up has shape {list(w_gate_up.shape)}, expected an even number of rows [2I, H]")
+    inter = two_i // 2
+    _tl.expect("x", x, ["R", hidden], dtype, dev)
+    _tl.expect("norm_weight", norm_weight, [hidden], dtype, dev, contiguous=True)
+    rows = x.shape[0]
+    if out is None:
+        out = torch.empty((rows, inter), dtype=dtype, device=dev)
+    else:
+        _tl.expect_out("out", out, [rows, inter], dtype, dev)
+    if rows == 0 or inter == 0:
+        return out
+    x = _tl.unit_stride(x)
+    cfg = _config(dev.type, rows, inter, hidden)
+    grid = (triton.cdiv(inter, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_R"]))
+    _norm_gate_up_kernel[grid](x, norm_weight, w_gate_up, out, rows, inter, float(eps), x.stride(0), out.stride(0),
+                               num_warps=_tl.NUM_WARPS, **cfg)
+    return out
+
+
+def aot_variants() -> list[tuple]:
+    """(kernel, signature, constexprs) at the 7B MLP shape: bf16 at every row block, fp16 for one."""
+    geom = GEOMETRIES["7b"]
+    variants = []
+    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
+        ptr = "*" + _tl.triton_type(dtype)
+        types = dict(x_ptr=ptr, norm_w_ptr=ptr, w_ptr=ptr, out_ptr=ptr, eps="fp32")
+        for rows in rows_list:
+            constexprs = _config("cuda", rows, geom.intermediate, geom.hidden)
+            variants.append((_norm_gate_up_kernel, _tl.aot_signature(_norm_gate_up_kernel, types, constexprs),
+                             constexprs))
+    return variants
+
+
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
     cases = []
     h, i = geom.hidden, geom.intermediate
@@ -40,4 +131,4 @@ def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
     return cases
 
 
-SPEC = OpSpec("norm_gate_up", norm_gate_up_ref, _cases)
+SPEC = OpSpec("norm_gate_up", norm_gate_up_ref, _cases, impls={"triton": norm_gate_up})

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from vita_kernels import _tl
 from vita_kernels.norm import rmsnorm_ref
-from vita_kernels.registry import Case, Geometry, OpSpec, norm_weight, randn, weight
+from vita_kernels.registry import GEOMETRIES, Case, Geometry, OpSpec, norm_weight, randn, weight
 
 
 def head_logits_ref(
@@ -42,6 +45,171 @@ def head_argmax_ref(
     return ids
 
 
+@triton.jit
+def _head_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, idx_ptr, R, V, eps, stride_xr, stride_or,
+                 H: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x vocabulary ids [pid_n * BLOCK_N, +BLOCK_N).
+
+    WRITE_LOGITS: out[r, id] = the logit (fp32 holding a model-dtype value). Otherwise out/idx
+    are the argmax workspace [R, num_blocks]: this block's (max logit, lowest id reaching it).
+    Logits are compared after rounding to the model dtype, as the reference's are, so ties
+    and their lowest-id resolution match it.
+
+    Traffic: the [V, H] head once (1.2 GB at 7B: the floor, 70% of an MCTP step); x from L2;
+    argmax writes 8 bytes per row per block (21 KB per row at 7B) instead of 4V bytes of logits.
+    Weight offsets are 64-bit: V * H * 2 bytes > 2^31 at 7B.
+    """
+    pid_n = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    ids = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    id_mask = ids < V
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rows * stride_xr
+    rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=BLOCK_K)
+    w_rows = w_ptr + ids.to(tl.int64) * H
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    acc, _ = _tl.gemv_accumulate(acc, acc, x_rows, row_mask, w_rows, w_rows, id_mask, H, 0,
+                                 rstd, norm_w_ptr, rstd, norm_w_ptr, NORMS=1, TWO=False, BLOCK_K=BLOCK_K)
+    logits = _tl.round_to(acc, dtype)
+    if WRITE_LOGITS:
+        tl.store(out_ptr + rows[:, None] * stride_or + ids[None, :], logits,
+                 mask=row_mask[:, None] & id_mask[None, :])
+    else:
+        logits = tl.where(id_mask[None, :], logits, float("-inf"))
+        best = tl.max(logits, axis=1)
+        first = tl.min(tl.where(logits == best[:, None], ids[None, :], V), axis=1)
+        tl.store(out_ptr + rows * stride_or + pid_n, best, mask=row_mask)
+        tl.store(idx_ptr + rows * stride_or + pid_n, first, mask=row_mask)
+
+
+@triton.jit
+def _argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, num_blocks, BLOCK: tl.constexpr):
+    """out[r] = the id of the largest workspace value of row r, the lowest id among equals.
+
+    Blocks are in id order, so within a chunk the lowest id among the maxima wins and a later
+    chunk replaces the running best only when strictly larger. Reads 8 bytes per block.
+    """
+    row = tl.program_id(0)
+    best = float("-inf")
+    best_id = 0
+    for b0 in range(0, num_blocks, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        mask = offs < num_blocks
+        vals = tl.load(val_ptr + row * num_blocks + offs, mask=mask, other=float("-inf"))
+        ids = tl.load(idx_ptr + row * num_blocks + offs, mask=mask, other=0)
+        chunk_best = tl.max(vals, axis=0)
+        chunk_id = tl.min(tl.where(vals == chunk_best, ids, 2147483647), axis=0)
+        take = (chunk_best > best) | (b0 == 0)
+        best_id = tl.where(take, chunk_id, best_id)
+        best = tl.where(take, chunk_best, best)
+    tl.store(out_ptr + row, best_id.to(tl.int64))
+
+
+# Workspace entries per step of the reduce (2627 per row at 7B: 3 steps). Tiny on the CPU
+# (interpreter) so that the tests there cover the combine across steps.
+_REDUCE_BLOCK = {"cuda": 1024, "cpu": 4}
+
+
+def _config(device_type: str, rows: int, vocab: int, hidden: int, write_logits: bool) -> dict:
+    return dict(H=hidden, WRITE_LOGITS=write_logits, **_tl.gemv_blocks(device_type, rows, vocab, hidden))
+
+
+def _check(x, norm_weight, w_head):
+    dtype = _tl.model_dtype("x", x)
+    dev = x.device
+    _tl.expect("w_head", w_head, ["V", "H"], dtype, dev, contiguous=True)
+    vocab, hidden = w_head.shape
+    _tl.expect("x", x, ["R", hidden], dtype, dev)
+    _tl.expect("norm_weight", norm_weight, [hidden], dtype, dev, contiguous=True)
+    return dtype, dev, x.shape[0], vocab, hidden
+
+
+def _launch(x, norm_weight, w_head, eps, out, idx, write_logits: bool) -> int:
+    """Launch the head GEMV; returns the number of vocabulary blocks (workspace columns)."""
+    rows, vocab = x.shape[0], w_head.shape[0]
+    x = _tl.unit_stride(x)
+    cfg = _config(x.device.type, rows, vocab, w_head.shape[1], write_logits)
+    blocks = triton.cdiv(vocab, cfg["BLOCK_N"])
+    _head_kernel[(blocks, triton.cdiv(rows, cfg["BLOCK_R"]))](
+        x, norm_weight, w_head, out, idx, rows, vocab, float(eps), x.stride(0),
+        out.stride(0) if write_logits else blocks, num_warps=_tl.NUM_WARPS, **cfg)
+    return blocks
+
+
+def head_logits(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    w_head: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits = (rmsnorm(x) @ W_head^T).to(dtype).float(): the fused Triton head (= head_logits_ref).
+
+    x: [R, H]; norm_weight: [H]; w_head: [V, H] contiguous; one dtype. Returns [R, V] fp32.
+    Grid at 7B: 64-id blocks (2627 programs), rows in blocks of 1/2/4/16.
+    """
+    dtype, dev, rows, vocab, hidden = _check(x, norm_weight, w_head)
+    if out is None:
+        out = torch.empty((rows, vocab), dtype=torch.float32, device=dev)
+    else:
+        _tl.expect_out("out", out, [rows, vocab], torch.float32, dev)
+    if rows and vocab:
+        _launch(x, norm_weight, w_head, eps, out, out, write_logits=True)
+    return out
+
+
+def head_argmax(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    w_head: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ids = argmax(head_logits(x)) (lowest id among equal maxima), no logits written (= head_argmax_ref).
+
+    x: [R, H]; norm_weight: [H]; w_head: [V, H] contiguous; one dtype. Returns [R] int64.
+    Two launches: the head GEMV leaves per-block (max, first id) in an [R, V / BLOCK_N]
+    workspace, then one program per row reduces it; no atomics, so the result is deterministic.
+    The workspace (21 KB per row at 7B) is allocated per call: inside a CUDA graph capture it
+    comes from the graph's private pool.
+    """
+    dtype, dev, rows, vocab, hidden = _check(x, norm_weight, w_head)
+    if out is None:
+        out = torch.empty((rows,), dtype=torch.int64, device=dev)
+    else:
+        _tl.expect_out("out", out, [rows], torch.int64, dev)
+    if rows == 0 or vocab == 0:
+        return out
+    blocks = triton.cdiv(vocab, _config(dev.type, rows, vocab, hidden, False)["BLOCK_N"])
+    best = torch.empty((rows, blocks), dtype=torch.float32, device=dev)
+    first = torch.empty((rows, blocks), dtype=torch.int32, device=dev)
+    _launch(x, norm_weight, w_head, eps, best, first, write_logits=False)
+    _argmax_reduce_kernel[(rows,)](best, first, out, blocks,
+                                   BLOCK=_REDUCE_BLOCK[dev.type], num_warps=_tl.NUM_WARPS)
+    return out
+
+
+def aot_variants() -> list[tuple]:
+    """(kernel, signature, constexprs) at V = 168072, H = 3584: argmax and logits at every row
+    block in bf16, fp16 once, and the reduce."""
+    geom = GEOMETRIES["7b"]
+    variants = []
+    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
+        ptr = "*" + _tl.triton_type(dtype)
+        for write_logits in (False, True):
+            types = dict(x_ptr=ptr, norm_w_ptr=ptr, w_ptr=ptr, out_ptr="*fp32",
+                         idx_ptr="*fp32" if write_logits else "*i32", eps="fp32")
+            for rows in rows_list:
+                constexprs = _config("cuda", rows, geom.vocab, geom.hidden, write_logits)
+                variants.append((_head_kernel, _tl.aot_signature(_head_kernel, types, constexprs), constexprs))
+    constexprs = dict(BLOCK=_REDUCE_BLOCK["cuda"])
+    types = dict(val_ptr="*fp32", idx_ptr="*i32", out_ptr="*i64")
+    variants.append((_argmax_reduce_kernel, _tl.aot_signature(_argmax_reduce_kernel, types, constexprs), constexprs))
+    return variants
+
+
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
     cases = []
     h, v = geom.hidden, geom.vocab
@@ -53,5 +221,5 @@ def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
     return cases
 
 
-SPEC_ARGMAX = OpSpec("head_argmax", head_argmax_ref, _cases, compare="argmax")
-SPEC_LOGITS = OpSpec("head_logits", head_logits_ref, _cases)
+SPEC_ARGMAX = OpSpec("head_argmax", head_argmax_ref, _cases, impls={"triton": head_argmax}, compare="argmax")
+SPEC_LOGITS = OpSpec("head_logits", head_logits_ref, _cases, impls={"triton": head_logits})

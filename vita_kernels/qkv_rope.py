@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from vita_kernels import _tl
 from vita_kernels.norm import rmsnorm_ref
-from vita_kernels.registry import Case, Geometry, OpSpec, cache_position, norm_weight, randn, weight
+from vita_kernels.registry import GEOMETRIES, Case, Geometry, OpSpec, cache_position, norm_weight, randn, weight
 
 
 def rope_tables(head_dim: int, theta: float, max_positions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +72,169 @@ def qkv_rope_cache_ref(
     return q
 
 
+@triton.jit
+def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, pos_ptr,
+                           q_ptr, R, rope_offset, num_positions, cache_len, eps, stride_xr, stride_qr,
+                           stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
+                           H: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
+                           NUM_KV_HEADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x one head's column pairs (c, c + d/2) for
+    c in [c0, c0 + BLOCK_H), with one accumulator per half, so rotate-half pairs meet in the
+    same registers with no shuffle. Heads 0..nq-1 are q, then nkv k heads, then nkv v heads (not
+    rotated: cos = 1, sin = 0 leaves them exact).
+
+    Traffic: W_qkv and the bias once (the floor), x from L2, R * nq * d q outputs and R * nkv * d
+    per cache written straight into slots pos..pos+R-1: k and v never make a round trip.
+    `pos` is read on the device, so a captured graph replays at any position.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    CHUNKS: tl.constexpr = (HALF + BLOCK_H - 1) // BLOCK_H
+    pid = tl.program_id(0)
+    head = pid // CHUNKS
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    col = (pid % CHUNKS) * BLOCK_H + tl.arange(0, BLOCK_H)  # column within the first half
+    col_mask = col < HALF
+    dtype: tl.constexpr = q_ptr.dtype.element_ty
+    x_rows = x_ptr + rows * stride_xr
+    rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=BLOCK_K)
+    n_lo = head * HEAD_DIM + col
+    n_hi = n_lo + HALF
+    acc_lo = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    acc_lo, acc_hi = _tl.gemv_accumulate(acc_lo, acc_hi, x_rows, row_mask, w_ptr + n_lo.to(tl.int64) * H,
+                                         w_ptr + n_hi.to(tl.int64) * H, col_mask, H, 0,
+                                         rstd, norm_w_ptr, rstd, norm_w_ptr, NORMS=1, TWO=True, BLOCK_K=BLOCK_K)
+    # F.linear: bias added in fp32, one rounding.
+    lo = _tl.round_to(acc_lo + tl.load(b_ptr + n_lo, mask=col_mask, other=0.0).to(tl.float32)[None, :], dtype)
+    hi = _tl.round_to(acc_hi + tl.load(b_ptr + n_hi, mask=col_mask, other=0.0).to(tl.float32)[None, :], dtype)
+
+    slots = tl.load(pos_ptr) + rows  # int64 cache slots of the rows
+    rope_pos = slots + rope_offset
+    mask = (row_mask & (rope_pos < num_positions))[:, None] & col_mask[None, :]
+    cos = _tl.round_to(tl.load(cos_ptr + rope_pos[:, None] * HALF + col[None, :], mask=mask, other=1.0), dtype)
+    sin = _tl.round_to(tl.load(sin_ptr + rope_pos[:, None] * HALF + col[None, :], mask=mask, other=0.0), dtype)
+    # Head tests as [1, BLOCK_H] tensors (the interpreter cannot combine masks with scalar bools).
+    head_v = (tl.zeros([BLOCK_H], dtype=tl.int32) + head)[None, :]
+    rotated = head_v < NUM_HEADS + NUM_KV_HEADS
+    cos = tl.where(rotated, cos, 1.0)
+    sin = tl.where(rotated, sin, 0.0)
+    # Qwen2 in the dtype: q * cos + rotate_half(q) * sin, each product and the sum rounded;
+    # rotate_half gives (-hi, lo), so the first half subtracts.
+    out_lo = _tl.round_to(_tl.round_to(lo * cos, dtype) - _tl.round_to(hi * sin, dtype), dtype)
+    out_hi = _tl.round_to(_tl.round_to(hi * cos, dtype) + _tl.round_to(lo * sin, dtype), dtype)
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    q_at = q_ptr + rows[:, None] * stride_qr + head * stride_qh + col[None, :]
+    is_q = mask & (head_v < NUM_HEADS)
+    tl.store(q_at, out_lo, mask=is_q)
+    tl.store(q_at + HALF, out_hi, mask=is_q)
+    in_cache = mask & (slots < cache_len)[:, None]
+    kv_head = head - NUM_HEADS
+    k_at = k_cache_ptr + kv_head * stride_kh + slots[:, None] * stride_ks + col[None, :]
+    is_k = in_cache & (head_v >= NUM_HEADS) & rotated
+    tl.store(k_at, out_lo, mask=is_k)
+    tl.store(k_at + HALF, out_hi, mask=is_k)
+    v_at = v_cache_ptr + (kv_head - NUM_KV_HEADS) * stride_vh + slots[:, None] * stride_vs + col[None, :]
+    is_v = in_cache & ~rotated
+    tl.store(v_at, out_lo, mask=is_v)
+    tl.store(v_at + HALF, out_hi, mask=is_v)
+
+
+def _config(device_type: str, rows: int, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int) -> dict:
+    half = head_dim // 2
+    cfg = _tl.gemv_blocks(device_type, rows, (num_heads + 2 * num_kv_heads) * half, hidden, tiles=2, min_block_n=4)
+    # A program stays inside one head: at most the (padded) half width, at least tl.dot's 16.
+    block_h = min(cfg.pop("BLOCK_N"), max(triton.next_power_of_2(half), 16 if cfg["BLOCK_R"] >= 16 else 1))
+    return dict(H=hidden, HEAD_DIM=head_dim, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_H=block_h,
+                **cfg)
+
+
+def qkv_rope_cache(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    rope_offset: int,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q, k, v = split(rmsnorm(x) @ W_qkv^T + b); q, k = rope(q, k); cache[pos + r] = k, v: one Triton GEMV.
+
+    Same contract as qkv_rope_cache_ref. x: [R, H]; norm_weight: [H]; w_qkv: [(nq + 2 nkv) d, H]
+    contiguous; b_qkv: [(nq + 2 nkv) d]; cos/sin_table: [P, d/2] fp32 contiguous; k_cache,
+    v_cache: [nkv, S, d] (unit last stride), written in place at slots pos..pos+R-1 only (slots
+    at or past S and positions at or past P are not written / read: pos is never brought to the
+    host); pos: int64 [1] on the device. Returns q: [R, nq, d]. Grid at 7B (36 heads x 64 pairs):
+    4-pair blocks (576 programs) at R <= 4, 16 with tl.dot beyond (144).
+    """
+    dtype = _tl.model_dtype("x", x)
+    dev = x.device
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if not isinstance(rope_offset, int) or rope_offset < 0:
+        raise ValueError(f"rope_offset must be a non-negative int, got {rope_offset!r}")
+    _tl.expect("k_cache", k_cache, [num_kv_heads, "S", "d"], dtype, dev)
+    head_dim, cache_len = k_cache.shape[2], k_cache.shape[1]
+    if head_dim % 2:
+        raise ValueError(f"k_cache has head_dim {head_dim}, expected an even head_dim (rotate-half RoPE)")
+    _tl.expect("v_cache", v_cache, [num_kv_heads, cache_len, head_dim], dtype, dev)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(2) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension, got strides {list(cache.stride())}")
+    n = (num_heads + 2 * num_kv_heads) * head_dim
+    _tl.expect("w_qkv", w_qkv, [n, "H"], dtype, dev, contiguous=True)
+    hidden = w_qkv.shape[1]
+    _tl.expect("x", x, ["R", hidden], dtype, dev)
+    rows = x.shape[0]
+    _tl.expect("norm_weight", norm_weight, [hidden], dtype, dev, contiguous=True)
+    _tl.expect("b_qkv", b_qkv, [n], dtype, dev, contiguous=True)
+    _tl.expect("cos_table", cos_table, ["P", head_dim // 2], torch.float32, dev, contiguous=True)
+    _tl.expect("sin_table", sin_table, [cos_table.shape[0], head_dim // 2], torch.float32, dev, contiguous=True)
+    _tl.expect("pos", pos, [1], torch.int64, dev)
+    if out is None:
+        out = torch.empty((rows, num_heads, head_dim), dtype=dtype, device=dev)
+    else:
+        _tl.expect_out("out", out, [rows, num_heads, head_dim], dtype, dev)
+    if rows == 0:
+        return out
+    x = _tl.unit_stride(x)
+    cfg = _config(dev.type, rows, hidden, head_dim, num_heads, num_kv_heads)
+    chunks = triton.cdiv(head_dim // 2, cfg["BLOCK_H"])
+    grid = ((num_heads + 2 * num_kv_heads) * chunks, triton.cdiv(rows, cfg["BLOCK_R"]))
+    _qkv_rope_cache_kernel[grid](x, norm_weight, w_qkv, b_qkv, cos_table, sin_table, k_cache, v_cache, pos, out,
+                                 rows, rope_offset, cos_table.shape[0], cache_len, float(eps), x.stride(0),
+                                 out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+                                 v_cache.stride(0), v_cache.stride(1), num_warps=_tl.NUM_WARPS, **cfg)
+    return out
+
+
+def aot_variants() -> list[tuple]:
+    """(kernel, signature, constexprs) at the 7B attention shape: bf16 at every row block, fp16 once."""
+    geom = GEOMETRIES["7b"]
+    variants = []
+    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
+        ptr = "*" + _tl.triton_type(dtype)
+        types = dict(x_ptr=ptr, norm_w_ptr=ptr, w_ptr=ptr, b_ptr=ptr, cos_ptr="*fp32", sin_ptr="*fp32",
+                     k_cache_ptr=ptr, v_cache_ptr=ptr, pos_ptr="*i64", q_ptr=ptr, eps="fp32")
+        for rows in rows_list:
+            constexprs = _config("cuda", rows, geom.hidden, geom.head_dim, geom.num_heads, geom.num_kv_heads)
+            variants.append((_qkv_rope_cache_kernel, _tl.aot_signature(_qkv_rope_cache_kernel, types, constexprs),
+                             constexprs))
+    return variants
+
+
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
     cases = []
     h, d, nq, nkv = geom.hidden, geom.head_dim, geom.num_heads, geom.num_kv_heads
@@ -91,4 +257,4 @@ def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
     return cases
 
 
-SPEC = OpSpec("qkv_rope_cache", qkv_rope_cache_ref, _cases)
+SPEC = OpSpec("qkv_rope_cache", qkv_rope_cache_ref, _cases, impls={"triton": qkv_rope_cache})

@@ -7,7 +7,7 @@ each takes exactly the reference's arguments.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -84,10 +84,13 @@ def cache_position(geom: Geometry, rows: int) -> int:
 
 def ops() -> list[OpSpec]:
     """All registered ops, in chain order."""
-    from vita_kernels import attention, gate_up, head, linear, mtp_input, norm, qkv_rope
+    from vita_kernels import attention, cuda_ops, gate_up, head, linear, mtp_input, norm, qkv_rope
 
-    return [mtp_input.SPEC, qkv_rope.SPEC, attention.SPEC, linear.SPEC, gate_up.SPEC, head.SPEC_ARGMAX,
-            head.SPEC_LOGITS, norm.SPEC]
+    specs = [mtp_input.SPEC, qkv_rope.SPEC, attention.SPEC, linear.SPEC, gate_up.SPEC, head.SPEC_ARGMAX,
+             head.SPEC_LOGITS, norm.SPEC]
+    # The CUDA C++ implementations (empty where vita_kernels._C is not built) join under "cuda".
+    return [replace(s, impls={**s.impls, "cuda": cuda_ops.CUDA_IMPLS[s.name]}) if s.name in cuda_ops.CUDA_IMPLS
+            else s for s in specs]
 
 
 def get_op(name: str) -> OpSpec:

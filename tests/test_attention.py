@@ -1,0 +1,169 @@
+"""Attention-specific behaviour beyond the registry cases: the first slot, row blocks and KV blocks
+past one, both GQA launch layouts, long caches, strided layouts, garbage past the visible slots,
+CUDA-graph capture, and argument validation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from vita_kernels import attention as attn_mod
+from vita_kernels.attention import attention, attention_ref
+
+
+def _inputs(gen, rows, num_heads, num_kv_heads, head_dim, max_len, dtype=torch.float32):
+    def rnd(*shape):
+        return torch.randn(shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+    return rnd(rows, num_heads, head_dim), rnd(num_kv_heads, max_len, head_dim), rnd(num_kv_heads, max_len, head_dim)
+
+
+def _pos(p: int) -> torch.Tensor:
+    return torch.tensor([p], dtype=torch.int64, device=DEVICE)
+
+
+def _assert_matches_ref(o, q, k, v, pos, atol=2e-5):
+    ref = attention_ref(q.float(), k.float(), v.float(), pos)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o.float(), ref, atol=atol, rtol=atol)
+
+
+def test_pos0_single_row_is_the_first_value_row(gen):
+    """Row 0 at pos 0 sees only slot 0: the output is exactly V[g(h), 0]."""
+    q, k, v = _inputs(gen, 1, 6, 2, 16, 48)
+    o = attention(q, k, v, _pos(0))
+    expected = v[:, 0].repeat_interleave(3, dim=0).reshape(1, -1)
+    torch.testing.assert_close(o, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 3], ids=["per-head", "grouped"])
+@pytest.mark.parametrize("rows, pos", [(1, 0), (17, 0), (40, 7), (33, 60)], ids=lambda x: str(x))
+def test_row_blocks_and_gqa_layouts(gen, rows, pos, heads_per_program):
+    """R past one row block (16 rows per-head, 16 x 4 grouped) and KV past one block, both layouts."""
+    q, k, v = _inputs(gen, rows, 6, 2, 16, 100)
+    _assert_matches_ref(attention(q, k, v, _pos(pos), heads_per_program=heads_per_program), q, k, v, _pos(pos))
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (7, 1, 128), (6, 3, 24), (8, 2, 64)],
+                         ids=["mha", "mqa-group7-d128", "d24-unpadded", "group4-d64"])
+@pytest.mark.parametrize("rows", [2, 20], ids=["R2", "R20"])
+def test_head_geometries(gen, num_heads, num_kv_heads, head_dim, rows):
+    """Group sizes 1, 7 (padded to 8 in the grouped tile, as at 7B), 2, 4; head_dim not a power of 2."""
+    q, k, v = _inputs(gen, rows, num_heads, num_kv_heads, head_dim, 64)
+    _assert_matches_ref(attention(q, k, v, _pos(64 - rows)), q, k, v, _pos(64 - rows))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_long_cache_low_precision(gen, dtype):
+    """A 300-slot cache ending at the last slot: error at most 2x the low-precision reference's."""
+    rows, max_len = 5, 300
+    q, k, v = _inputs(gen, rows, 6, 2, 32, max_len, dtype)
+    pos = _pos(max_len - rows)
+    truth = attention_ref(q.float(), k.float(), v.float(), pos)
+    base_err = (attention_ref(q, k, v, pos).float() - truth).abs().max().item()
+    err = (attention(q, k, v, pos).float() - truth).abs().max().item()
+    assert err <= 2 * base_err + 1e-5, (err, base_err)
+
+
+def test_slots_past_the_last_row_are_never_read(gen):
+    """NaN in cache slots >= pos + R (not yet written) must not reach the output."""
+    rows, pos = 11, 20
+    q, k, v = _inputs(gen, rows, 6, 2, 16, 64)
+    k_dirty, v_dirty = k.clone(), v.clone()
+    k_dirty[:, pos + rows:] = float("nan")
+    v_dirty[:, pos + rows:] = float("inf")
+    _assert_matches_ref(attention(q, k_dirty, v_dirty, _pos(pos)), q, k, v, _pos(pos))
+
+
+def test_strided_layouts(gen):
+    """q with a non-unit last stride, caches as [S, nkv, d] views (flash-attn's layout), and a
+    row-padded out=."""
+    rows, pos = 12, 30
+    q, k, v = _inputs(gen, rows, 6, 2, 16, 64)
+    q_strided = torch.empty(rows, 6, 32, device=DEVICE)[..., ::2]
+    q_strided.copy_(q)
+    k_seq_major = k.transpose(0, 1).contiguous().transpose(0, 1)  # [nkv, S, d] view of [S, nkv, d]
+    v_seq_major = v.transpose(0, 1).contiguous().transpose(0, 1)
+    out = torch.full((rows, 6 * 16 + 8), float("nan"), device=DEVICE)[:, : 6 * 16]
+    res = attention(q_strided, k_seq_major, v_seq_major, _pos(pos), out=out)
+    assert res is out
+    _assert_matches_ref(out, q, k, v, _pos(pos))
+
+
+def test_launch_policy():
+    """Decode and the MCTP steps (R <= 16) get one program per query head (28 at 7B); prefill
+    gets one per KV head and 8-row block, each K/V block serving all 7 heads of its group."""
+    grid, cfg, _ = attn_mod._launch_config(1, 28, 4, 128, torch.bfloat16)
+    assert grid == (28, 1) and cfg["HEADS"] == 1
+    grid, cfg, _ = attn_mod._launch_config(14, 28, 4, 128, torch.bfloat16)
+    assert grid == (28, 1)
+    grid, cfg, _ = attn_mod._launch_config(300, 28, 4, 128, torch.bfloat16)
+    assert cfg["HEADS"] == 7 and cfg["HEADS_P"] == 8 and grid == (4, math.ceil(300 / cfg["BLOCK_R"]))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda q, k, v, p: (q[0], k, v, p, None), "q must be"),
+    (lambda q, k, v, p: (q, k[0], v, p, None), "k_cache must be"),
+    (lambda q, k, v, p: (q, k, v[:, :10], p, None), "v_cache has shape"),
+    (lambda q, k, v, p: (q, k.half(), v, p, None), "k_cache has dtype"),
+    (lambda q, k, v, p: (q.int(), k, v, p, None), "q has dtype"),
+    (lambda q, k, v, p: (q[:, :5], k, v, p, None), "expected a multiple of k_cache's 2 KV heads"),
+    (lambda q, k, v, p: (q[..., :8], k, v, p, None), "k_cache has head_dim 16"),
+    (lambda q, k, v, p: (q, k, v, p.int(), None), "pos must be an int64"),
+    (lambda q, k, v, p: (q, k, v, torch.zeros(2, dtype=torch.int64, device=p.device), None), "pos must be"),
+    (lambda q, k, v, p: (q, k[:, :2], v[:, :2], p, None), "cache holds only 2 slots"),
+    (lambda q, k, v, p: (q, k, v, p, torch.empty(3, 95, device=q.device)), "out has shape"),
+    (lambda q, k, v, p: (q, k, v, p, torch.empty(3, 96, device=q.device, dtype=torch.half)), "out has dtype"),
+], ids=["q-2d", "cache-2d", "v-shape", "k-dtype", "q-int", "heads-not-multiple", "head-dim", "pos-int32",
+        "pos-2-elements", "rows-past-cache", "out-shape", "out-dtype"])
+def test_bad_arguments(gen, make, match):
+    q, k, v = _inputs(gen, 3, 6, 2, 16, 48)
+    with pytest.raises(ValueError, match=match):
+        attention(*make(q, k, v, _pos(4)))
+
+
+def test_bad_heads_per_program(gen):
+    q, k, v = _inputs(gen, 3, 6, 2, 16, 48)
+    with pytest.raises(ValueError, match="heads_per_program must be 1 or the group size 3"):
+        attention(q, k, v, _pos(4), heads_per_program=2)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_reads_pos_on_the_device(gen):
+    """Captured once, replayed at new positions by writing pos: no host sync, fixed grid."""
+    rows = 14
+    q, k, v = _inputs(gen, rows, 28, 4, 128, 512, torch.bfloat16)
+    pos = _pos(0)
+    out = torch.empty(rows, 28 * 128, device=DEVICE, dtype=torch.bfloat16)
+    attention(q, k, v, pos, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention(q, k, v, pos, out=out)
+    for p in (0, 100, 512 - rows):
+        pos.fill_(p)
+        graph.replay()
+        torch.cuda.synchronize()
+        truth = attention_ref(q.float(), k.float(), v.float(), pos)
+        base_err = (attention_ref(q, k, v, pos).float() - truth).abs().max().item()
+        assert (out.float() - truth).abs().max().item() <= 2 * base_err + 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(attn_mod._flash_attn_with_kvcache is None, reason="flash-attn is not installed (optional extra)")
+def test_flash_wrapper_matches_reference(gen):
+    rows, pos = 14, 200
+    q, k, v = _inputs(gen, rows, 28, 4, 128, 512, torch.bfloat16)
+    truth = attention_ref(q.float(), k.float(), v.float(), _pos(pos))
+    base_err = (attention_ref(q, k, v, _pos(pos)).float() - truth).abs().max().item()
+    err = (attn_mod.attention_flash(q, k, v, _pos(pos)).float() - truth).abs().max().item()
+    assert err <= 4 * base_err + 1e-5  # flash-attn rounds P to bf16 before P @ V: looser than 2x
+
+
+def test_flash_is_registered_only_when_importable():
+    from vita_kernels.registry import get_op
+
+    assert ("flash" in get_op("attention").impls) == (attn_mod._flash_attn_with_kvcache is not None)
+    assert get_op("attention").impls["triton"] is attention

@@ -1,0 +1,247 @@
+"""Shared pieces of the fused GEMV kernels: Triton device helpers and launcher-side checks.
+
+Every projection at batch 1 is a GEMV over a large weight, so each kernel has the same shape:
+a program owns BLOCK_R activation rows x BLOCK_N weight rows (or two such sets of weight rows:
+gate and up, or the two rotate-half partners of a head), streams the weight tile by tile along
+K exactly once, and builds the activation chunk it multiplies on the fly (raw, RMS-normalised, or
+normalised twice) from rows that stay in L2. The helpers below are that common core:
+
+- `round_to`: fp32 -> the model dtype (round to nearest even) and back, the reference's
+  rounding points. The CPU interpreter truncates fp32 -> bf16, so there it rounds on the bits.
+- `apply_rmsnorm`, `load_normed`, `row_rstd`: Qwen2's RMSNorm `w * (x * rstd).to(dtype)`
+  with the reference's two roundings.
+- `tile_dot`: acc[R, N] += X[R, K] @ W[N, K]^T, broadcast-multiply-sum for few rows and
+  tl.dot (tensor cores) for >= 16 padded rows.
+- `gemv_accumulate`: the K loop over one or two weight row sets.
+
+The Python half validates launcher arguments with errors that name the argument, picks block
+sizes so that the 7B shapes give enough programs for 132 SMs, and builds AOT signatures.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vita_kernels.backend import triton_runs_on
+
+# Under the interpreter, bf16 values are raw bits and fp32 -> bf16 casts truncate: kernels keep
+# values in fp32 there and `round_to` rounds on the bits. Compiled kernels never see this flag.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+# Programs wanted per launch at batch 1: 4 per SM on a 132-SM H100 keeps every SM streaming
+# weight tiles with a few loads in flight even where programs finish unevenly. The CPU
+# interpreter runs programs one after another (~5-10 ms each): there a handful, which still
+# exercises every multi-block and tail path, is the right number.
+TARGET_PROGRAMS = {"cuda": 4 * 132, "cpu": 8}
+# fp32 products one program holds per K step on the broadcast path (64 registers per thread at
+# 4 warps): bounds BLOCK_R * BLOCK_N * BLOCK_K.
+BROADCAST_TILE = 8192
+NUM_WARPS = 4  # what the launchers use; also triton.compile's default, so AOT builds match
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 `x` rounded to `dtype` (nearest even), returned as fp32 values: the reference's
+    rounding points (identity for fp32)."""
+    if dtype == tl.float32:
+        return x
+    elif INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def apply_rmsnorm(x, rstd, w, dtype: tl.constexpr):
+    """Qwen2 RMSNorm of fp32 `x` given its (broadcastable) `rstd` and fp32 weight `w`:
+    round(w * round(x * rstd)), as `weight * (x * rstd).to(dtype)` rounds."""
+    return round_to(w * round_to(x * rstd, dtype), dtype)
+
+
+@triton.jit
+def load_normed(x_rows, row_mask, cols, col_mask, rstd_a, w_a_ptr, rstd_b, w_b_ptr, NORMS: tl.constexpr):
+    """Chunk x[:, cols] of the rows at `x_rows` ([BLOCK_R] pointers), fp32 values of the model dtype.
+
+    NORMS = 0: x itself; 1: rmsnorm(x, w_a) with row statistics rstd_a; 2: then
+    rmsnorm(., w_b) with rstd_b (the statistics of the first norm's rounded output).
+    Masked rows and columns read as 0 and stay 0 (their weights are 0).
+    """
+    dtype: tl.constexpr = x_rows.dtype.element_ty
+    x = tl.load(x_rows[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    x = x.to(tl.float32)
+    if NORMS >= 1:
+        w_a = tl.load(w_a_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x = apply_rmsnorm(x, rstd_a[:, None], w_a[None, :], dtype)
+    if NORMS >= 2:
+        w_b = tl.load(w_b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        x = apply_rmsnorm(x, rstd_b[:, None], w_b[None, :], dtype)
+    return x
+
+
+@triton.jit
+def row_rstd(x_rows, row_mask, K: tl.constexpr, eps, rstd_a, w_a_ptr, NORMS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """rsqrt(mean(y^2) + eps) per row, y = load_normed(x, NORMS) over all K columns, in fp32.
+
+    Reads R x K activations from L2 (every program of a launch reads the same rows): at the 7B
+    shapes 1.5% (head, gate_up) to ~12% (BLOCK_N = 8 projections) of the weight bytes the
+    program streams from DRAM, and L2 serves them several times faster than DRAM.
+    """
+    acc = tl.zeros([x_rows.shape[0], BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        y = load_normed(x_rows, row_mask, cols, cols < K, rstd_a, w_a_ptr, rstd_a, w_a_ptr, NORMS)
+        acc += y * y
+    return tl.rsqrt(tl.sum(acc, axis=1) / K + eps)
+
+
+@triton.jit
+def tile_dot(acc, x, w):
+    """acc[BR, BN] += x[BR, BK] @ w[BN, BK]^T in fp32.
+
+    x: fp32 values already rounded to the model dtype; w: a weight tile as loaded. With >= 16
+    (padded) rows the product runs on tensor cores (tl.dot, operands in the model dtype, which
+    is exact since x is already rounded; fp32 models use IEEE fp32, not TF32). With fewer rows
+    a broadcast-multiply-sum on CUDA cores wastes nothing on padding. The interpreter gets fp32
+    operands: its bf16 arithmetic is garbage, and its fp32 dot is exact.
+    """
+    if x.shape[0] >= 16:
+        if INTERPRET:
+            a = x
+            b = w.to(tl.float32)
+        else:
+            a = x.to(w.dtype)
+            b = w
+        if a.dtype == tl.float32:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    else:
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def gemv_accumulate(acc_a, acc_b, x_rows, row_mask, w_rows_a, w_rows_b, n_mask, K: tl.constexpr, w_k0,
+                    rstd_a, w_a_ptr, rstd_b, w_b_ptr, NORMS: tl.constexpr, TWO: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """acc_a += X @ W_a[:, w_k0:w_k0+K]^T (and acc_b with W_b when TWO), X = load_normed(x, NORMS).
+
+    w_rows_a/b: [BLOCK_N] pointers to weight rows (64-bit offsets computed by the caller). Each
+    weight element is read exactly once; the activation chunk is built once per K step and
+    shared by both weight tiles.
+    """
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        x = load_normed(x_rows, row_mask, cols, col_mask, rstd_a, w_a_ptr, rstd_b, w_b_ptr, NORMS)
+        w_mask = n_mask[:, None] & col_mask[None, :]
+        w_a = tl.load(w_rows_a[:, None] + (w_k0 + cols)[None, :], mask=w_mask, other=0.0)
+        acc_a = tile_dot(acc_a, x, w_a)
+        if TWO:
+            w_b = tl.load(w_rows_b[:, None] + (w_k0 + cols)[None, :], mask=w_mask, other=0.0)
+            acc_b = tile_dot(acc_b, x, w_b)
+    return acc_a, acc_b
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def row_block(rows: int) -> int:
+    """Activation rows per program: 1, 2 or 4 on the broadcast path; 16 (tl.dot) beyond 4 rows.
+
+    More than 16 rows (prefill) take several row blocks, each streaming the weight again.
+    """
+    if rows <= 4:
+        return triton.next_power_of_2(max(rows, 1))
+    return 16
+
+
+def gemv_blocks(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min_block_n: int = 8) -> dict:
+    """BLOCK_R / BLOCK_N / BLOCK_K for a GEMV of `rows` rows over an [n, k] weight.
+
+    `tiles`: weight tiles per K step (2 for gate+up or the rotate-half pairs). BLOCK_N is the
+    largest of 64..min_block_n that still gives TARGET_PROGRAMS[device_type] programs; the broadcast path
+    bounds its [R, N, K] product tile by BROADCAST_TILE, preferring K steps of >= 128 (long
+    contiguous weight-row segments) over a wide BLOCK_N; tl.dot needs BLOCK_N >= 16.
+    """
+    block_r = row_block(rows)
+    lowest = max(min_block_n, 16) if block_r >= 16 else min_block_n
+    block_n = 64
+    while block_n > lowest and triton.cdiv(n, block_n) < TARGET_PROGRAMS[device_type]:
+        block_n //= 2
+    block_n = max(lowest, min(block_n, triton.next_power_of_2(n)))
+    if block_r >= 16:
+        block_k = 128
+    else:
+        # Keep K steps >= 128 (256 B per weight row) by trading BLOCK_N for rows and tiles.
+        while block_n > min_block_n and BROADCAST_TILE // (block_r * block_n * tiles) < 128:
+            block_n //= 2
+        block_k = max(32, min(1024, BROADCAST_TILE // (block_r * block_n * tiles)))
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def expect(name: str, t, shape, dtype: torch.dtype, device: torch.device, contiguous: bool = False) -> None:
+    """Raise ValueError naming `name` unless `t` is a tensor of `shape` (ints are checked, str
+    entries such as "R" name free dimensions), `dtype` and `device` (and contiguous if asked)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shown = "[" + ", ".join(str(s) for s in shape) + "]"
+    if t.dim() != len(shape) or any(isinstance(s, int) and t.shape[i] != s for i, s in enumerate(shape)):
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {shown}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of the other inputs)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (read row-major), got strides {list(t.stride())}")
+
+
+def expect_out(name: str, out, shape, dtype: torch.dtype, device: torch.device) -> None:
+    """Validate a destination: exact shape, dtype, device, unit stride in the last dimension."""
+    expect(name, out, shape, dtype, device)
+    if out.dim() and out.shape[-1] > 1 and out.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {list(out.stride())}")
+
+
+def model_dtype(name: str, t) -> torch.dtype:
+    """The model dtype, taken from activation `name`; also checks Triton can run on its device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} has dtype {t.dtype}, expected torch.float32, torch.bfloat16 or torch.float16")
+    if not triton_runs_on(t.device):
+        raise ValueError(f"{name} is on {t.device}: Triton kernels need a CUDA device, or the CPU with "
+                         "TRITON_INTERPRET=1 set before vita_kernels is imported")
+    return t.dtype
+
+
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """Activations are addressed by row stride: give them a unit last-dimension stride."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_signature(kernel, types: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """The full `ASTSource` signature of `kernel`: constexprs, the given `types` (pointers such
+    as "*bf16", "fp32" scalars), "i32" for every other (integer) argument."""
+    names = kernel.arg_names
+    unknown = set(types) - set(names) | set(constexprs) - set(names)
+    if unknown:
+        raise ValueError(f"{kernel.__name__} has no arguments {sorted(unknown)}")
+    return {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in names}
+
+
+def triton_type(dtype: torch.dtype) -> str:
+    return _TRITON_TYPES[dtype]
+
