@@ -24,11 +24,14 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 AUTO_CHOICE_FILE = Path(__file__).with_name("auto_choice.json")
 
 
-def auto_choice(path: Path = AUTO_CHOICE_FILE) -> dict[str, str]:
-    """The measured per-op preference for `auto`, or {} where none has been recorded."""
-    if not path.exists():
+def auto_choice(device: torch.device, path: Path = AUTO_CHOICE_FILE) -> dict[str, str]:
+    """The per-op preference measured on this GPU model, or {} where none has been recorded."""
+    if device.type != "cuda" or not path.exists():
         return {}
-    return dict(json.loads(path.read_text()).get("choice", {}))
+    record = json.loads(path.read_text())
+    if record.get("device_name") != torch.cuda.get_device_name(device):
+        return {}
+    return dict(record.get("choice", {}))
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -98,7 +101,7 @@ def resolve_backend(name: str, device: torch.device | str) -> KernelBackend:
                 "reinstall with a CUDA-enabled torch and nvcc (VITA_KERNELS_FORCE_CUDA_BUILD=1 to see why)"
             )
     impls, choice = {}, {}
-    measured = auto_choice() if name == "auto" and device.type == "cuda" else {}
+    measured = auto_choice(device) if name == "auto" else {}
     for spec in ops():
         picked = _pick(spec, name, device, measured)
         choice[spec.name] = picked

@@ -64,8 +64,17 @@ class OpSpec:
 
 
 def randn(shape, dtype, device, gen, scale=1.0) -> torch.Tensor:
-    """Fresh normal values made on the CPU from `gen` (reproducible on any device)."""
-    return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+    """Fresh normal values, reproducible from the CPU generator `gen`.
+
+    On a GPU they are drawn there from a seed taken from `gen`: the 7B head alone is 600M
+    values, far too slow to draw on a CPU and copy over.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(dtype=dtype)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    local = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(shape, generator=local, dtype=torch.float32, device=device) * scale).to(dtype=dtype)
 
 
 def weight(shape, dtype, device, gen) -> torch.Tensor:
