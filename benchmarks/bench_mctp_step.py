@@ -127,7 +127,7 @@ def compiled_region(engine, settings: harness.Settings, first: int, rows: int, m
 
     def region() -> None:
         for k in range(modules):
-            ref.mtp_step(k, state, ws, pos)
+            ref.mtp_step(k, state, ws, pos, first + rows)  # exact bound: a fixed-length compiled region
             ref.emit(state, ws, pos, k + 1, params, None)
 
     # Static shapes: each (R, modules) gets code specialised to it, as a deployment would compile.

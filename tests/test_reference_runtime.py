@@ -38,7 +38,7 @@ def test_llm_logits_equal_transformers_qwen2(tensors, hf, prompt_len):
     runner, model = engine.runner, engine.model
     runner.reset(prompt, seed=0)
     ws = runner.workspace(prompt_len)
-    model.llm_step(runner.state, ws, torch.tensor([0]))
+    model.llm_step(runner.state, ws, torch.tensor([0]), prompt_len)
     ours = head_logits_ref(ws.x, model.final_norm, model.lm_head, CFG.rms_norm_eps)
     _, theirs = hf.llm_hidden_and_logits(prompt)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
@@ -56,7 +56,7 @@ def test_mctp_module_equals_formula(tensors, hf, module):
     runner.reset(tokens, seed=0)
     runner.state.hidden[module, :rows] = h_k
     ws = runner.workspace(rows)
-    model.mtp_step(module, runner.state, ws, torch.tensor([0]))
+    model.mtp_step(module, runner.state, ws, torch.tensor([0]), rows)
     ours = head_logits_ref(ws.x, model.final_norm, model.lm_head, CFG.rms_norm_eps)
     h_in = hf.llm.model.norm(h_k)  # the module consumes the post-final-norm hidden
     theirs = hf.llm.lm_head(hf.module_forward(module, tokens, h_in))

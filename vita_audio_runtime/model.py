@@ -129,28 +129,33 @@ class VitaModel:
         ts += [t for m in self.mtp for t in vars(m).values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def _layer(self, index: int, st: DecodeState, ws: Workspace, pos: torch.Tensor, rope_offset: int) -> None:
-        """ws.x <- DecoderLayer_index(ws.x) for ws.rows rows at cache slots pos.., in place."""
+    def _layer(self, index: int, st: DecodeState, ws: Workspace, pos: torch.Tensor, rope_offset: int,
+               kv_bound: int) -> None:
+        """ws.x <- DecoderLayer_index(ws.x) for ws.rows rows at cache slots pos.., in place.
+
+        kv_bound: a static upper bound on pos + rows; attention is handed only that many cache
+        slots (the fused kernel stops at pos + rows anyway; the masked reference gets cheaper).
+        """
         cfg, ops, w = self.cfg, self.ops, self.layers[index]
         k_cache, v_cache = st.kv_k[index], st.kv_v[index]
         ops.qkv_rope_cache(ws.x, w.input_norm, w.w_qkv, w.b_qkv, self.rope_cos, self.rope_sin, k_cache, v_cache,
                            pos, rope_offset, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps,
                            out=ws.q)
-        ops.attention(ws.q, k_cache, v_cache, pos, out=ws.attn)
+        ops.attention(ws.q, k_cache[:, :kv_bound], v_cache[:, :kv_bound], pos, out=ws.attn)
         ops.linear(ws.attn, w.w_o, None, ws.x, out=ws.x1)  # x1 = x + o_proj(attn)
         ops.norm_gate_up(ws.x1, w.post_norm, w.w_gate_up, cfg.rms_norm_eps, out=ws.mlp)
         ops.linear(ws.mlp, w.w_down, None, ws.x1, out=ws.x)  # x = x1 + down_proj(mlp)
 
-    def llm_step(self, st: DecodeState, ws: Workspace, pos: torch.Tensor) -> None:
+    def llm_step(self, st: DecodeState, ws: Workspace, pos: torch.Tensor, kv_bound: int) -> None:
         """LLM over tokens[pos : pos+R] (chunked prefill); raw rows -> hidden[0]."""
         torch.add(ws.offsets, pos, out=ws.row_index)
         torch.index_select(st.tokens, 0, ws.row_index, out=ws.ids)
         torch.index_select(self.embed, 0, ws.ids, out=ws.x)
         for i in range(self.cfg.num_llm_layers):
-            self._layer(i, st, ws, pos, rope_offset=0)
+            self._layer(i, st, ws, pos, 0, kv_bound)
         st.hidden[0].index_copy_(0, ws.row_index, ws.x)
 
-    def mtp_step(self, k: int, st: DecodeState, ws: Workspace, pos: torch.Tensor) -> None:
+    def mtp_step(self, k: int, st: DecodeState, ws: Workspace, pos: torch.Tensor, kv_bound: int) -> None:
         """Module k over rows pos..pos+R-1: reads hidden[k] and tokens row+k+1; writes hidden[k+1]."""
         cfg, m = self.cfg, self.mtp[k]
         torch.add(ws.offsets, pos, out=ws.row_index)
@@ -159,7 +164,7 @@ class VitaModel:
         torch.index_select(st.tokens, 0, ws.ahead_index, out=ws.ids)
         self.ops.mtp_input(ws.ids, self.embed, ws.h_in, self.final_norm, m.emb_norm, m.hid_norm, m.w_proj,
                            cfg.rms_norm_eps, out=ws.x)
-        self._layer(cfg.num_llm_layers + k, st, ws, pos, rope_offset=k + 1)
+        self._layer(cfg.num_llm_layers + k, st, ws, pos, k + 1, kv_bound)
         if k + 1 < cfg.num_mtp_modules:  # the last module's rows feed nothing but its head
             st.hidden[k + 1].index_copy_(0, ws.row_index, ws.x)
 

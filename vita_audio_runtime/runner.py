@@ -76,30 +76,39 @@ class DecodeRunner:
             self._positions_host[slot] = value
         self.positions.copy_(self._positions_host, non_blocking=True)
 
+    def _kv_bound(self, graphable: bool, length: int) -> int:
+        """Cache slots attention may read: the exact length in an eager step; the whole cache in
+        a step that becomes a graph, which must not bake in one step's length."""
+        return self.max_seq_len if self.use_graphs and graphable else length
+
     def llm_step(self, first_row: int, rows: int, params: SamplingParams) -> None:
         """LLM over rows first_row..first_row+rows-1; its next token lands at first_row + rows."""
         n = self.model.cfg.num_mtp_modules
         self._upload_positions({n: first_row})
         ws, pos = self.workspace(rows), self.positions[n:n + 1]
+        graphable = rows <= self.graph_max_rows
+        bound = self._kv_bound(graphable, first_row + rows)
 
         def run() -> None:
-            self.model.llm_step(self.state, ws, pos)
+            self.model.llm_step(self.state, ws, pos, bound)
             self.model.emit(self.state, ws, pos, 0, params, self.generator)
 
-        self._execute(("llm", rows, params), rows <= self.graph_max_rows, run)
+        self._execute(("llm", rows, params), graphable, run)
 
     def burst(self, spans: list[tuple[int, int]], params: SamplingParams) -> None:
         """Modules 0..B-1 in one go: module k over spans[k] = (first_row, rows), each emitting."""
         self._upload_positions(dict(enumerate(first for first, _ in spans)))
-        work = [(k, self.workspace(rows), self.positions[k:k + 1]) for k, (_, rows) in enumerate(spans)]
+        shape = tuple(rows for _, rows in spans)
+        graphable = max(shape) <= self.graph_max_rows
+        work = [(k, self.workspace(rows), self.positions[k:k + 1], self._kv_bound(graphable, first + rows))
+                for k, (first, rows) in enumerate(spans)]
 
         def run() -> None:
-            for k, ws, pos in work:
-                self.model.mtp_step(k, self.state, ws, pos)
+            for k, ws, pos, bound in work:
+                self.model.mtp_step(k, self.state, ws, pos, bound)
                 self.model.emit(self.state, ws, pos, k + 1, params, self.generator)
 
-        shape = tuple(rows for _, rows in spans)
-        self._execute(("burst", shape, params), max(shape) <= self.graph_max_rows, run)
+        self._execute(("burst", shape, params), graphable, run)
 
     def _execute(self, key: tuple, graphable: bool, run: Callable[[], None]) -> None:
         """Replay the key's graph, or run eagerly; a graphable shape seen for the first time runs
