@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -244,4 +246,23 @@ def aot_signature(kernel, types: dict[str, str], constexprs: dict) -> dict[str, 
 
 def triton_type(dtype: torch.dtype) -> str:
     return _TRITON_TYPES[dtype]
+
+
+# What the GEMV-family launchers compile at the 7B shapes: every row block in bf16, one in fp16.
+AOT_ROW_BLOCKS = ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,)))
+
+
+def aot_row_variants(kernel, types: Callable[[str], dict[str, str]], config: Callable[[int], dict]) -> list[tuple]:
+    """(kernel, signature, constexprs) per dtype and row block of AOT_ROW_BLOCKS.
+
+    types(ptr) gives the argument types for element pointer type `ptr` ("*bf16", ...);
+    config(rows) gives the constexprs the launcher picks for `rows` rows on a GPU.
+    """
+    variants = []
+    for dtype, row_blocks in AOT_ROW_BLOCKS:
+        arg_types = types("*" + triton_type(dtype))
+        for rows in row_blocks:
+            constexprs = config(rows)
+            variants.append((kernel, aot_signature(kernel, arg_types, constexprs), constexprs))
+    return variants
 

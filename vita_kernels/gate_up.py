@@ -107,17 +107,11 @@ def norm_gate_up(
 
 
 def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs) at the 7B MLP shape: bf16 at every row block, fp16 for one."""
+    """(kernel, signature, constexprs) at the 7B MLP shape."""
     geom = GEOMETRIES["7b"]
-    variants = []
-    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
-        ptr = "*" + _tl.triton_type(dtype)
-        types = dict(x_ptr=ptr, norm_w_ptr=ptr, w_ptr=ptr, out_ptr=ptr, eps="fp32")
-        for rows in rows_list:
-            constexprs = _config("cuda", rows, geom.intermediate, geom.hidden)
-            variants.append((_norm_gate_up_kernel, _tl.aot_signature(_norm_gate_up_kernel, types, constexprs),
-                             constexprs))
-    return variants
+    return _tl.aot_row_variants(_norm_gate_up_kernel,
+                                lambda p: dict(x_ptr=p, norm_w_ptr=p, w_ptr=p, out_ptr=p, eps="fp32"),
+                                lambda rows: _config("cuda", rows, geom.intermediate, geom.hidden))
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:

@@ -193,17 +193,13 @@ def head_argmax(
 
 def aot_variants() -> list[tuple]:
     """(kernel, signature, constexprs) at V = 168072, H = 3584: argmax and logits at every row
-    block in bf16, fp16 once, and the reduce."""
+    block, and the reduce."""
     geom = GEOMETRIES["7b"]
-    variants = []
-    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
-        ptr = "*" + _tl.triton_type(dtype)
-        for write_logits in (False, True):
-            types = dict(x_ptr=ptr, norm_w_ptr=ptr, w_ptr=ptr, out_ptr="*fp32",
-                         idx_ptr="*fp32" if write_logits else "*i32", eps="fp32")
-            for rows in rows_list:
-                constexprs = _config("cuda", rows, geom.vocab, geom.hidden, write_logits)
-                variants.append((_head_kernel, _tl.aot_signature(_head_kernel, types, constexprs), constexprs))
+    variants = [variant for write_logits in (False, True) for variant in _tl.aot_row_variants(
+        _head_kernel,
+        lambda p, w=write_logits: dict(x_ptr=p, norm_w_ptr=p, w_ptr=p, out_ptr="*fp32",
+                                       idx_ptr="*fp32" if w else "*i32", eps="fp32"),
+        lambda rows, w=write_logits: _config("cuda", rows, geom.vocab, geom.hidden, w))]
     constexprs = dict(BLOCK=_REDUCE_BLOCK["cuda"])
     types = dict(val_ptr="*fp32", idx_ptr="*i32", out_ptr="*i64")
     variants.append((_argmax_reduce_kernel, _tl.aot_signature(_argmax_reduce_kernel, types, constexprs), constexprs))

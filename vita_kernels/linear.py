@@ -108,20 +108,14 @@ def linear(
 
 def aot_variants() -> list[tuple]:
     """(kernel, signature, constexprs) for the 7B projections: o_proj and down_proj with the
-    residual, a biased projection (k/v-sized); bf16 at every row block, fp16 for one."""
+    residual, a biased projection (k/v-sized)."""
     geom = GEOMETRIES["7b"]
     shapes = [(geom.num_heads * geom.head_dim, geom.hidden, False, True),
               (geom.intermediate, geom.hidden, False, True),
               (geom.hidden, geom.num_kv_heads * geom.head_dim, True, False)]
-    variants = []
-    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
-        ptr = "*" + _tl.triton_type(dtype)
-        types = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, res_ptr=ptr, out_ptr=ptr)
-        for k, n, has_bias, has_res in shapes:
-            for rows in rows_list:
-                constexprs = dict(_config("cuda", rows, n, k), HAS_BIAS=has_bias, HAS_RESIDUAL=has_res)
-                variants.append((_linear_kernel, _tl.aot_signature(_linear_kernel, types, constexprs), constexprs))
-    return variants
+    return [variant for k, n, has_bias, has_res in shapes for variant in _tl.aot_row_variants(
+        _linear_kernel, lambda p: dict(x_ptr=p, w_ptr=p, b_ptr=p, res_ptr=p, out_ptr=p),
+        lambda rows, k=k, n=n, b=has_bias, r=has_res: dict(_config("cuda", rows, n, k), HAS_BIAS=b, HAS_RESIDUAL=r))]
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:

@@ -130,17 +130,13 @@ def mtp_input(
 
 
 def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs) at H = 3584: bf16 at every row block, fp16 for one."""
+    """(kernel, signature, constexprs) at H = 3584."""
     geom = GEOMETRIES["7b"]
-    variants = []
-    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
-        ptr = "*" + _tl.triton_type(dtype)
-        types = dict(ids_ptr="*i64", embed_ptr=ptr, hidden_ptr=ptr, final_w_ptr=ptr, emb_w_ptr=ptr,
-                     hid_w_ptr=ptr, w_ptr=ptr, out_ptr=ptr, eps="fp32")
-        for rows in rows_list:
-            constexprs = _config("cuda", rows, geom.hidden)
-            variants.append((_mtp_input_kernel, _tl.aot_signature(_mtp_input_kernel, types, constexprs), constexprs))
-    return variants
+    return _tl.aot_row_variants(
+        _mtp_input_kernel,
+        lambda p: dict(ids_ptr="*i64", embed_ptr=p, hidden_ptr=p, final_w_ptr=p, emb_w_ptr=p, hid_w_ptr=p, w_ptr=p,
+                       out_ptr=p, eps="fp32"),
+        lambda rows: _config("cuda", rows, geom.hidden))
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:

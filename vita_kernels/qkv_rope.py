@@ -221,18 +221,13 @@ def qkv_rope_cache(
 
 
 def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs) at the 7B attention shape: bf16 at every row block, fp16 once."""
+    """(kernel, signature, constexprs) at the 7B attention shape."""
     geom = GEOMETRIES["7b"]
-    variants = []
-    for dtype, rows_list in ((torch.bfloat16, (1, 2, 4, 16)), (torch.float16, (1,))):
-        ptr = "*" + _tl.triton_type(dtype)
-        types = dict(x_ptr=ptr, norm_w_ptr=ptr, w_ptr=ptr, b_ptr=ptr, cos_ptr="*fp32", sin_ptr="*fp32",
-                     k_cache_ptr=ptr, v_cache_ptr=ptr, pos_ptr="*i64", q_ptr=ptr, eps="fp32")
-        for rows in rows_list:
-            constexprs = _config("cuda", rows, geom.hidden, geom.head_dim, geom.num_heads, geom.num_kv_heads)
-            variants.append((_qkv_rope_cache_kernel, _tl.aot_signature(_qkv_rope_cache_kernel, types, constexprs),
-                             constexprs))
-    return variants
+    return _tl.aot_row_variants(
+        _qkv_rope_cache_kernel,
+        lambda p: dict(x_ptr=p, norm_w_ptr=p, w_ptr=p, b_ptr=p, cos_ptr="*fp32", sin_ptr="*fp32", k_cache_ptr=p,
+                       v_cache_ptr=p, pos_ptr="*i64", q_ptr=p, eps="fp32"),
+        lambda rows: _config("cuda", rows, geom.hidden, geom.head_dim, geom.num_heads, geom.num_kv_heads))
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
