@@ -142,3 +142,11 @@ def test_memory_report_counts_the_static_buffers(engine):
     assert report["kv_cache"] == 2 * CFG.num_layers_total * CFG.num_key_value_heads * s * CFG.head_dim * 4
     assert report["weights"] > 0 and report["workspaces"] > 0 and report["graph_pool"] == 0
     assert report["state_other"] >= CFG.num_mtp_modules * s * h * 4
+
+
+def test_preset_too_large_for_the_device_is_refused_before_allocating(monkeypatch):
+    from vita_audio_runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_available_bytes", lambda device: 1_000_000)
+    with pytest.raises(ValueError, match=r"preset 'small' needs \d+\.\d GB for its float32 weights, but cpu has 0\.0 GB"):
+        Engine.from_pretrained("small", device="cpu")

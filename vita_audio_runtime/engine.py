@@ -1,6 +1,7 @@
 """The generation engine: checkpoint or preset in, tokens, producers, audio chunks and timings out."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vita_audio_runtime.checkpoint import load_checkpoint, random_tensors
+from vita_audio_runtime.checkpoint import expected_tensor_shapes, load_checkpoint, random_tensors
 from vita_audio_runtime.config import PRESETS, GenerationDefaults, SpecialTokens, VitaConfig
 from vita_audio_runtime.model import VitaModel
 from vita_audio_runtime.runner import DecodeRunner
@@ -124,6 +125,7 @@ class Engine:
         if str(model) in PRESETS:
             preset = PRESETS[str(model)]
             dt = resolve_dtype(dtype or preset.config.torch_dtype, device)
+            _check_weights_fit(preset.name, preset.config, dt, device)
             tensors = random_tensors(preset.config, dt, device, seed)
             return cls(preset.config, tensors, preset.special_tokens(), preset.defaults, backend,
                        max_seq_len or preset.default_max_seq_len, cuda_graphs)
@@ -243,6 +245,30 @@ class Engine:
 
     def memory_report(self) -> dict[str, int]:
         return self.runner.memory_report()
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None  # unknown here: let the allocator speak
+
+
+def _check_weights_fit(name: str, cfg: VitaConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """A preset's weights (plus the largest tensor drawn in fp32) must fit the device's free memory."""
+    shapes = expected_tensor_shapes(cfg).values()
+    elements = sum(math.prod(s) for s in shapes)
+    needed = elements * torch.finfo(dtype).bits // 8 + 4 * max(math.prod(s) for s in shapes)
+    available = _available_bytes(device)
+    if available is not None and needed > available:
+        raise ValueError(f"preset {name!r} needs {needed / 1e9:.1f} GB for its {str(dtype).removeprefix("torch.")} weights, but {device} has "
+                         f"{available / 1e9:.1f} GB free; use a GPU with more memory or a smaller preset (tiny, small)")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
