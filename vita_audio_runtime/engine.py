@@ -267,7 +267,7 @@ def _check_weights_fit(name: str, cfg: VitaConfig, dtype: torch.dtype, device: t
     needed = elements * torch.finfo(dtype).bits // 8 + 4 * max(math.prod(s) for s in shapes)
     available = _available_bytes(device)
     if available is not None and needed > available:
-        raise ValueError(f"preset {name!r} needs {needed / 1e9:.1f} GB for its {str(dtype).removeprefix("torch.")} weights, but {device} has "
+        raise ValueError(f"preset {name!r} needs {needed / 1e9:.1f} GB for its {str(dtype).removeprefix('torch.')} weights, but {device} has "
                          f"{available / 1e9:.1f} GB free; use a GPU with more memory or a smaller preset (tiny, small)")
 
 
