@@ -52,3 +52,15 @@ def test_triton_backend_sampling_path_matches_torch(tensors):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU behaviour of the auto backend")
 def test_auto_backend_on_cpu_is_the_reference():
     assert set(resolve_backend("auto", "cpu").choice.values()) == {"torch"}
+
+
+def test_cuda_backend_falls_back_to_triton_for_fp32_per_op():
+    """The CUDA kernels are bf16/fp16 only: an fp32 model gets Triton for those ops, not a failure."""
+    from vita_kernels.backend import _pick
+    from vita_kernels.registry import OpSpec
+
+    spec = OpSpec("linear", lambda: None, lambda *a: [], impls={"triton": object(), "cuda": object()})
+    cuda = torch.device("cuda")
+    assert _pick(spec, "cuda", cuda, torch.float32, {}) == "triton"
+    assert _pick(spec, "cuda", cuda, torch.bfloat16, {}) == "cuda"
+    assert _pick(spec, "auto", cuda, torch.float32, {"linear": "cuda"}) == "triton"

@@ -114,6 +114,7 @@ def _rewrite_weights(path, edit):
     ("corrupt", r"model\.safetensors is truncated or corrupt"),
     ("no_weights", r"neither model\.safetensors nor model\.safetensors\.index\.json"),
     ("bad_json", r"config\.json is not valid JSON"),
+    ("dtype", r"config\.json torch_dtype is 'int8'"),
     ("no_config", r"config\.json is missing"),
 ])
 def test_loading_errors_name_the_problem(ckpt, case, match):
@@ -134,6 +135,8 @@ def test_loading_errors_name_the_problem(ckpt, case, match):
         (ckpt / SINGLE_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     elif case == "no_weights":
         (ckpt / SINGLE_FILE).unlink()
+    elif case == "dtype":
+        _edit_config(ckpt, torch_dtype="int8")
     elif case == "bad_json":
         (ckpt / "config.json").write_text("{")
     elif case == "no_config":

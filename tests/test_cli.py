@@ -42,9 +42,11 @@ def test_generate_matches_the_api(capsys):
     (["--prompt-ids", "1,99999"], "outside the vocabulary"),
     (["--max-new-tokens", "500"], "exceeds the KV cache's max_seq_len"),
     (["--dtype", "int4"], "dtype 'int4' is not supported"),
-    (["--device", "cuda:7"], "cuda"),
+    (["--device", "cuda:7"], "cuda:7"),
     (["--model", "/nonexistent"], "neither a checkpoint directory nor a preset"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--max-seq-len", "0"], "max_seq_len must be >= 2, got 0"),
+    (["--greedy", "--temperature", "0.5"], "--greedy cannot be combined with --temperature"),
 ])
 def test_bad_input_prints_a_message_and_exits_non_zero(args, message):
     prompt = [] if "--prompt-ids" in args else ["--prompt-len", "4"]
@@ -63,3 +65,36 @@ def test_bench_says_it_needs_a_gpu(capsys):
         pytest.skip("a GPU is present: the suite would run")
     assert main(["bench"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _tokens(capsys, *extra):
+    assert main(["generate", "--model", "tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "12", "--ignore-eos",
+                 "--device", "cpu", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sampling_flags_turn_sampling_on(capsys):
+    greedy = _tokens(capsys)["tokens"]
+    sampled = _tokens(capsys, "--temperature", "5", "--top-k", "100")["tokens"]
+    assert sampled != greedy
+    assert _tokens(capsys, "--temperature", "5", "--top-k", "100")["tokens"] == sampled  # same --seed
+    assert _tokens(capsys, "--temperature", "5", "--top-k", "100", "--seed", "1")["tokens"] != sampled
+
+
+def test_seed_does_not_change_the_preset_weights(capsys):
+    assert _tokens(capsys, "--seed", "1")["tokens"] == _tokens(capsys, "--seed", "2")["tokens"]
+    assert _tokens(capsys, "--weights-seed", "1")["tokens"] != _tokens(capsys, "--weights-seed", "2")["tokens"]
+
+
+def test_mode_defaults_to_the_checkpoint_generation_config(tmp_path, capsys):
+    from vita_audio_runtime.checkpoint import write_random_checkpoint
+    from vita_audio_runtime.config import PRESETS
+
+    path = write_random_checkpoint(tmp_path / "ckpt", PRESETS["tiny"])
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["mtp_inference_mode"] = [1, 10]
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    assert main(["generate", "--model", str(path), "--prompt-len", "4", "--max-new-tokens", "14", "--ignore-eos",
+                 "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == [1, 10] and out["producers"][11:13] == ["llm", "mtp0"]  # Turbo, not Boost

@@ -148,5 +148,32 @@ def test_preset_too_large_for_the_device_is_refused_before_allocating(monkeypatc
     from vita_audio_runtime import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_available_bytes", lambda device: 1_000_000)
-    with pytest.raises(ValueError, match=r"preset 'small' needs \d+\.\d GB for its float32 weights, but cpu has 0\.0 GB"):
+    with pytest.raises(ValueError, match=r"preset .small. needs \d+\.\d GB \(float32 weights and KV cache\) but cpu has 0\.0 GB"):
         Engine.from_pretrained("small", device="cpu")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.pop("mtp_projs.3.weight"), r"missing tensor mtp_projs\.3\.weight"),
+    (lambda t: t.update({"mtp_projs.3.weight": torch.zeros(64, 64)}), r"mtp_projs\.3\.weight has shape \[64, 64\]"),
+    (lambda t: t.update({"lm_head.weight": t["lm_head.weight"].double()}), r"lm_head\.weight is torch\.float64"),
+    (lambda t: t.update({"extra.weight": torch.zeros(1)}), r"unexpected tensor extra\.weight"),
+])
+def test_engine_constructor_validates_its_tensors(edit, match):
+    from vita_audio_runtime.config import CheckpointError
+
+    tensors = random_tensors(CFG, torch.float32, seed=1)
+    edit(tensors)
+    with pytest.raises(CheckpointError, match=match):
+        Engine(CFG, tensors, PRESET.special_tokens(), PRESET.defaults, backend="torch", max_seq_len=64)
+
+
+def test_max_seq_len_beyond_the_position_range_is_refused():
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        Engine.from_pretrained("tiny", device="cpu", max_seq_len=CFG.max_position_embeddings)
+
+
+def test_generate_uses_the_checkpoint_mode_by_default():
+    tensors = random_tensors(CFG, torch.float32, seed=2)
+    defaults = GenerationDefaults(eos_token_id=(1,), mtp_inference_mode=(1, 10))
+    engine = Engine(CFG, tensors, PRESET.special_tokens(), defaults, backend="torch", max_seq_len=64)
+    assert engine.generate([3, 4], max_new_tokens=13, ignore_eos=True).producers[11:] == [-1, 0]

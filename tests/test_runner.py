@@ -35,7 +35,7 @@ def _engine(tensors, frozen: bool, monkeypatch=None):
                     PRESET.defaults, backend="torch", max_seq_len=160)
     if frozen:
         monkeypatch.setattr(engine.runner, "use_graphs", True)
-        monkeypatch.setattr(engine.runner, "_capture", FrozenReplay)
+        monkeypatch.setattr(engine.runner, "_capture", lambda run, samples: FrozenReplay(run))
     return engine
 
 
@@ -59,6 +59,7 @@ def test_frozen_replays_equal_eager_steps(tensors, monkeypatch, mode, length, sh
     # A second generation replays the same graphs from its first graphable step on.
     again = engine.generate(prompt, mode=mode, max_new_tokens=length, ignore_eos=True)
     assert again.tokens == eager.tokens and len(engine.runner.graphs) == len(graphs)
+    assert max(engine.runner.workspaces) <= engine.runner.graph_max_rows  # long eager steps keep nothing
 
 
 def test_positions_reach_steps_only_through_the_device_buffer(tensors, monkeypatch):

@@ -48,3 +48,8 @@ def test_bad_modes_are_rejected_with_a_reason(bad, message):
 def test_custom_list_is_accepted():
     assert Mode.parse("1,10,4,10") == Mode.BOOST.value
     assert expand("2,3", 10) == "MMmmmMMmmm"
+
+
+def test_huge_counts_expand_only_what_is_needed():
+    assert expand([10**12, 1], 5) == "MMMMM"
+    assert producers([1, 10**12], 3, 6) == [-1, 0, 1, 2, -1, 0]

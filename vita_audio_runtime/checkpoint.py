@@ -129,6 +129,43 @@ def write_random_checkpoint(path: str | Path, preset: Preset, seed: int = 0, dty
     return save_checkpoint(path, preset.config, tensors, preset.defaults, preset.token_names(), shard_bytes)
 
 
+SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_dtype(cfg: VitaConfig) -> torch.dtype:
+    """The checkpoint's torch_dtype ("auto" reads as bfloat16, the released weights' dtype)."""
+    name = "bfloat16" if cfg.torch_dtype == "auto" else cfg.torch_dtype.removeprefix("torch.")
+    if name not in SUPPORTED_DTYPES:
+        raise CheckpointError(f"config.json torch_dtype is {cfg.torch_dtype!r}: expected one of "
+                              f"{', '.join(SUPPORTED_DTYPES)}")
+    return SUPPORTED_DTYPES[name]
+
+
+def check_tensors(cfg: VitaConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError unless `tensors` are exactly the model's, with the spec's shapes, in
+    one supported dtype, on one device."""
+    expected = expected_tensor_shapes(cfg)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"missing tensor {', '.join(missing[:3])}{more}")
+    unexpected = sorted(n for n in tensors if n not in expected)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]} (not part of a VITA-Audio model with "
+                              f"L={cfg.num_llm_layers}, N={cfg.num_mtp_modules})")
+    first = tensors["model.embed_tokens.weight"]
+    if first.dtype not in SUPPORTED_DTYPES.values():
+        raise CheckpointError(f"model.embed_tokens.weight has dtype {first.dtype}: expected float32, bfloat16 "
+                              "or float16")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise CheckpointError(f"{name} is {t.dtype} on {t.device}, but model.embed_tokens.weight is "
+                                  f"{first.dtype} on {first.device}: every weight must share one dtype and device")
+
+
 @dataclass
 class LoadedCheckpoint:
     config: VitaConfig
@@ -177,7 +214,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     defaults = GenerationDefaults.from_hf_dict(_read_json(gen_path) if gen_path.exists() else {})
     special = read_special_tokens(path, config_dict, defaults)
     expected = expected_tensor_shapes(cfg)
-    dtype = dtype or getattr(torch, cfg.torch_dtype, torch.bfloat16)
+    dtype = dtype or config_dtype(cfg)
     tensors: dict[str, torch.Tensor] = {}
     for fname, indexed_names in _weight_files(path).items():
         fpath = path / fname

@@ -19,21 +19,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate tokens in one of the four modes")
     g.add_argument("--model", default="small", help="checkpoint directory, or a preset: tiny, small, 7b")
-    g.add_argument("--mode", default="boost", help="vanilla | balance | boost | turbo | a list like 1,10,4,10")
+    g.add_argument("--mode", help="vanilla | balance | boost | turbo | a list like 1,10,4,10 "
+                                  "(default: the checkpoint's mtp_inference_mode; Boost for presets)")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt-ids", type=_ids, help="comma-separated prompt token ids")
     prompt.add_argument("--prompt-len", type=int, help="a random prompt of this many text ids (seeded)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--greedy", action="store_true", help="greedy decoding (overrides generation_config)")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
+    g.add_argument("--temperature", type=float, help="sample with this temperature (implies sampling)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely ids (implies sampling; 0: off)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling threshold (implies sampling)")
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", help="fp32 | bf16 | fp16 (default: the checkpoint's or preset's)")
     g.add_argument("--backend", default="auto", help="auto | triton | cuda | torch")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds sampling and the random --prompt-len prompt")
+    g.add_argument("--weights-seed", type=int, default=0, help="seeds a preset's random weights")
     g.add_argument("--max-seq-len", type=int)
     g.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly on a GPU")
     g.add_argument("--json", action="store_true", help="print one JSON object")
@@ -51,27 +53,35 @@ def _generate(args) -> int:
     from vita_audio_runtime.engine import Engine
     from vita_audio_runtime.schedule import Mode
 
-    Mode.parse(args.mode)  # a bad mode fails before the model is built
+    if args.mode is not None:
+        Mode.parse(args.mode)  # a bad mode fails before the model is built
+    sampling_flags = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                     ("--top-p", args.top_p)) if v is not None]
+    if args.greedy and sampling_flags:
+        raise ValueError(f"--greedy cannot be combined with {', '.join(sampling_flags)}")
+    # --greedy forces greedy decoding, a sampling flag forces sampling, neither keeps the checkpoint's choice.
+    do_sample = False if args.greedy else (True if sampling_flags else None)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prompt_len is not None and args.prompt_len < 1:
         raise ValueError(f"--prompt-len must be >= 1, got {args.prompt_len}")
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
                                     max_seq_len=args.max_seq_len, cuda_graphs=False if args.no_cuda_graphs else None,
-                                    seed=args.seed)
+                                    seed=args.weights_seed)
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
     else:
         n_text = min(engine.special.eos_ids) if engine.special.eos_ids else engine.cfg.vocab_size
         gen = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(0, n_text, (args.prompt_len or 32,), generator=gen).tolist()
-    result = engine.generate(prompt, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                             do_sample=False if args.greedy else None, temperature=args.temperature,
+    mode = engine.mode(args.mode)
+    result = engine.generate(prompt, mode=mode, max_new_tokens=args.max_new_tokens,
+                             do_sample=do_sample, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                              seed=args.seed, ignore_eos=args.ignore_eos)
     if args.json:
         print(json.dumps({
-            "model": str(args.model), "mode": args.mode, "device": str(engine.model.device),
+            "model": str(args.model), "mode": list(mode), "device": str(engine.model.device),
             "dtype": str(engine.model.dtype).replace("torch.", ""), "backend": engine.kernels.choice,
             "prompt": prompt, "tokens": result.tokens, "producers": result.producer_names,
             "stop_reason": result.stop_reason, "timings": result.timings,
@@ -80,7 +90,7 @@ def _generate(args) -> int:
         }))
         return 0
     print(f"model {args.model} on {engine.model.device} ({str(engine.model.dtype).replace('torch.', '')}), "
-          f"backend {engine.kernels.name}, mode {args.mode}, prompt {len(prompt)} tokens")
+          f"backend {engine.kernels.name}, mode {args.mode or 'default'} {list(mode)}, prompt {len(prompt)} tokens")
     line = []
     for token, producer in zip(result.tokens, result.producer_names):
         line.append(f"{token}[{producer}]")

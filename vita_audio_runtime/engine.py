@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from vita_audio_runtime.checkpoint import expected_tensor_shapes, load_checkpoint, random_tensors
+from vita_audio_runtime.checkpoint import check_tensors, expected_tensor_shapes, load_checkpoint, random_tensors
 from vita_audio_runtime.config import PRESETS, GenerationDefaults, SpecialTokens, VitaConfig
 from vita_audio_runtime.model import VitaModel
 from vita_audio_runtime.runner import DecodeRunner
@@ -103,12 +103,19 @@ class Engine:
     def __init__(self, cfg: VitaConfig, tensors: dict[str, torch.Tensor], special: SpecialTokens,
                  defaults: GenerationDefaults, backend: str = "auto", max_seq_len: int = 4096,
                  cuda_graphs: bool | None = None):
-        device = next(iter(tensors.values())).device
+        """Build from checkpoint-named tensors (validated here), which the model takes out of
+        `tensors`; pass `dict(tensors)` to keep your mapping."""
+        check_tensors(cfg, tensors)
+        embed = tensors["model.embed_tokens.weight"]
+        device = embed.device
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        if max_seq_len + cfg.num_mtp_modules + 1 > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len {max_seq_len} + {cfg.num_mtp_modules + 1} MCTP look-ahead positions exceeds "
+                             f"the model's max_position_embeddings {cfg.max_position_embeddings}")
         self.cfg, self.special, self.defaults = cfg, special, defaults
         self.max_seq_len = max_seq_len
-        self.kernels = resolve_backend(backend, device)
+        self.kernels = resolve_backend(backend, device, embed.dtype)
         self.model = VitaModel(cfg, tensors, self.kernels, max_seq_len)
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and device.type != "cuda":
@@ -125,17 +132,18 @@ class Engine:
         if str(model) in PRESETS:
             preset = PRESETS[str(model)]
             dt = resolve_dtype(dtype or preset.config.torch_dtype, device)
-            _check_weights_fit(preset.name, preset.config, dt, device)
+            seq_len = preset.default_max_seq_len if max_seq_len is None else max_seq_len
+            _check_weights_fit(preset.name, preset.config, dt, device, seq_len)
             tensors = random_tensors(preset.config, dt, device, seed)
-            return cls(preset.config, tensors, preset.special_tokens(), preset.defaults, backend,
-                       max_seq_len or preset.default_max_seq_len, cuda_graphs)
+            return cls(preset.config, tensors, preset.special_tokens(), preset.defaults, backend, seq_len,
+                       cuda_graphs)
         if not Path(model).is_dir():
             raise ValueError(f"--model {model!r} is neither a checkpoint directory nor a preset "
                              f"({', '.join(PRESETS)})")
         dt = resolve_dtype(dtype, device) if dtype is not None else None
         ckpt = load_checkpoint(model, device, dt)
-        return cls(ckpt.config, ckpt.tensors, ckpt.special, ckpt.defaults, backend, max_seq_len or 4096,
-                   cuda_graphs)
+        return cls(ckpt.config, ckpt.tensors, ckpt.special, ckpt.defaults, backend,
+                   4096 if max_seq_len is None else max_seq_len, cuda_graphs)
 
     # -- arguments -------------------------------------------------------------------------------
     def sampling_params(self, do_sample=None, temperature=None, top_k=None, top_p=None,
@@ -149,6 +157,10 @@ class Engine:
         return SamplingParams(do_sample=pick(do_sample, d.do_sample), temperature=pick(temperature, d.temperature),
                               top_k=pick(top_k, d.top_k), top_p=pick(top_p, d.top_p),
                               repetition_penalty=pick(repetition_penalty, d.repetition_penalty))
+
+    def mode(self, mode=None) -> tuple[int, ...]:
+        """The mode list to run: the given one, or the checkpoint's mtp_inference_mode."""
+        return Mode.parse(self.defaults.mtp_inference_mode if mode is None else mode)
 
     def _validate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         prompt = list(prompt_ids)
@@ -192,12 +204,13 @@ class Engine:
                     return  # an EOS inside a burst truncates exactly there
             total += len(made)
 
-    def generate(self, prompt_ids: Sequence[int], mode="boost", max_new_tokens: int = 64, do_sample=None,
+    def generate(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
                  temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,
                  ignore_eos: bool = False) -> GenerationResult:
-        """Generate up to max_new_tokens new ids in the given mode (a name, Mode or list)."""
+        """Generate up to max_new_tokens new ids in the given mode (a name, Mode or list; None: the
+        checkpoint's generation_config mtp_inference_mode)."""
         params = self.sampling_params(do_sample, temperature, top_k, top_p, repetition_penalty)
-        Mode.parse(mode)
+        mode = self.mode(mode)
         prompt = self._validate(prompt_ids, max_new_tokens)
         chunker = AudioChunker(self.special) if self.special.has_audio else None
         tokens, producers, chunks = [], [], []
@@ -230,13 +243,13 @@ class Engine:
             timings["decode_tokens_per_s"] = (len(tokens) - 1) / max(total - timings["ttft_s"], 1e-9)
         return GenerationResult(tokens, producers, stop, timings, chunks)
 
-    def stream(self, prompt_ids: Sequence[int], mode="boost", max_new_tokens: int = 64, do_sample=None,
+    def stream(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
                temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,
                ignore_eos: bool = False) -> Iterator[Token | AudioChunk]:
         """Yield Token events and AudioChunk events (codes = id - audio offset) as soon as each
         segment's end marker is produced, for servers that feed an audio decoder."""
         params = self.sampling_params(do_sample, temperature, top_k, top_p, repetition_penalty)
-        Mode.parse(mode)
+        mode = self.mode(mode)
         prompt = self._validate(prompt_ids, max_new_tokens)
         chunker = AudioChunker(self.special)
         for token, producer in self._run(prompt, mode, max_new_tokens, params, seed, ignore_eos):
@@ -260,15 +273,20 @@ def _available_bytes(device: torch.device) -> int | None:
     return None  # unknown here: let the allocator speak
 
 
-def _check_weights_fit(name: str, cfg: VitaConfig, dtype: torch.dtype, device: torch.device) -> None:
-    """A preset's weights (plus the largest tensor drawn in fp32) must fit the device's free memory."""
+def _check_weights_fit(name: str, cfg: VitaConfig, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> None:
+    """A preset's weights, its KV cache and the largest transient (one tensor drawn in fp32, one
+    layer's gate/up concatenation) must fit the device's free memory."""
+    size = torch.finfo(dtype).bits // 8
     shapes = expected_tensor_shapes(cfg).values()
-    elements = sum(math.prod(s) for s in shapes)
-    needed = elements * torch.finfo(dtype).bits // 8 + 4 * max(math.prod(s) for s in shapes)
+    weights = sum(math.prod(s) for s in shapes) * size
+    kv_cache = 2 * cfg.num_layers_total * cfg.num_key_value_heads * max_seq_len * cfg.head_dim * size
+    transient = max(4 * max(math.prod(s) for s in shapes), 2 * cfg.intermediate_size * cfg.hidden_size * size)
+    needed = weights + kv_cache + transient
     available = _available_bytes(device)
     if available is not None and needed > available:
-        raise ValueError(f"preset {name!r} needs {needed / 1e9:.1f} GB for its {str(dtype).removeprefix('torch.')} weights, but {device} has "
-                         f"{available / 1e9:.1f} GB free; use a GPU with more memory or a smaller preset (tiny, small)")
+        raise ValueError(f"preset {name!r} needs {needed / 1e9:.1f} GB ({str(dtype).removeprefix('torch.')} weights "
+                         f"and KV cache) but {device} has {available / 1e9:.1f} GB free; use a device with more "
+                         "memory or a smaller preset (tiny, small)")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -31,7 +31,8 @@ class LayerWeights:
 
     @classmethod
     def take(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "LayerWeights":
-        """Build from checkpoint tensors, removing them from `tensors` to free the originals."""
+        """Build from checkpoint tensors, removing them from `tensors` so the originals can be
+        freed as soon as their concatenations exist."""
         t = {name[len(prefix) + 1:]: tensors.pop(name) for name in list(tensors) if name.startswith(prefix + ".")}
         a = "self_attn."
         return cls(
@@ -54,7 +55,7 @@ class MTPWeights:
 class DecodeState:
     """Everything one generation writes, preallocated once for batch 1 and max_seq_len rows.
 
-    tokens[t]: every id (prompt, then generated), plus N + 1 spare slots for look-ahead reads;
+    tokens[t]: every id (prompt, then generated); the engine keeps every read and write below S;
     hidden[0][j]: the LLM's raw output at row j; hidden[k][j] (k >= 1): module k-1's raw output;
     seen: which ids occurred so far (repetition penalty); kv_k / kv_v: [L + N, nkv, S, d].
     """
@@ -65,7 +66,7 @@ class DecodeState:
         self.kv_k = torch.zeros(kv_shape, device=device, dtype=dtype)
         self.kv_v = torch.zeros(kv_shape, device=device, dtype=dtype)
         self.hidden = torch.zeros((n, s, cfg.hidden_size), device=device, dtype=dtype)
-        self.tokens = torch.zeros(s + n + 2, device=device, dtype=torch.int64)
+        self.tokens = torch.zeros(s, device=device, dtype=torch.int64)
         self.seen = torch.zeros(cfg.vocab_size, device=device, dtype=torch.bool)
 
     @property
@@ -103,12 +104,15 @@ class Workspace:
 
 
 class VitaModel:
-    """LLM layers 0..L-1 + shared norm/head, and N MCTP modules, over one kernel backend."""
+    """LLM layers 0..L-1 + shared norm/head, and N MCTP modules, over one kernel backend.
+
+    Takes the tensors out of `tensors` (which is left empty), so q/k/v and gate/up are never held
+    twice over: pass `dict(tensors)` to keep your own mapping.
+    """
 
     def __init__(self, cfg: VitaConfig, tensors: dict[str, torch.Tensor], ops: KernelBackend,
                  max_positions: int):
         self.cfg, self.ops = cfg, ops
-        tensors = dict(tensors)
         self.embed = tensors.pop("model.embed_tokens.weight")
         self.final_norm = tensors.pop("model.norm.weight")
         self.lm_head = tensors.pop("lm_head.weight")

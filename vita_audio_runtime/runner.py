@@ -42,10 +42,14 @@ class DecodeRunner:
         self.graph_pool_bytes = 0
         self._pool = None
         self.generator = torch.Generator(device=self.device)
-        self._samples = False
 
     # -- buffers -----------------------------------------------------------------------------
     def workspace(self, rows: int) -> Workspace:
+        """Buffers for a step of `rows` rows: kept for graphable sizes (their addresses are baked
+        into graphs), made afresh for the longer eager steps, so prompts of many lengths do not
+        accumulate buffers."""
+        if rows > self.graph_max_rows:
+            return Workspace(self.model.cfg, rows, self.device, self.dtype)
         if rows not in self.workspaces:
             self.workspaces[rows] = Workspace(self.model.cfg, rows, self.device, self.dtype)
         return self.workspaces[rows]
@@ -76,31 +80,37 @@ class DecodeRunner:
             self._positions_host[slot] = value
         self.positions.copy_(self._positions_host, non_blocking=True)
 
-    def _kv_bound(self, graphable: bool, length: int) -> int:
+    def _graphed(self, max_rows: int, params: SamplingParams) -> bool:
+        """Whether a step runs as a graph: on a GPU with graphs on, up to graph_max_rows rows,
+        and for a sampling step only where torch lets a graph register the runner's generator."""
+        return (self.use_graphs and max_rows <= self.graph_max_rows
+                and (not params.do_sample or hasattr(torch.cuda.CUDAGraph, "register_generator_state")))
+
+    def _kv_bound(self, graphed: bool, length: int) -> int:
         """Cache slots attention may read: the exact length in an eager step; the whole cache in
-        a step that becomes a graph, which must not bake in one step's length."""
-        return self.max_seq_len if self.use_graphs and graphable else length
+        a graphed step, which must not bake in one step's length."""
+        return self.max_seq_len if graphed else length
 
     def llm_step(self, first_row: int, rows: int, params: SamplingParams) -> None:
         """LLM over rows first_row..first_row+rows-1; its next token lands at first_row + rows."""
         n = self.model.cfg.num_mtp_modules
         self._upload_positions({n: first_row})
         ws, pos = self.workspace(rows), self.positions[n:n + 1]
-        graphable = rows <= self.graph_max_rows
-        bound = self._kv_bound(graphable, first_row + rows)
+        graphed = self._graphed(rows, params)
+        bound = self._kv_bound(graphed, first_row + rows)
 
         def run() -> None:
             self.model.llm_step(self.state, ws, pos, bound)
             self.model.emit(self.state, ws, pos, 0, params, self.generator)
 
-        self._execute(("llm", rows, params), graphable, run)
+        self._execute(("llm", rows, params), graphed, run)
 
     def burst(self, spans: list[tuple[int, int]], params: SamplingParams) -> None:
         """Modules 0..B-1 in one go: module k over spans[k] = (first_row, rows), each emitting."""
         self._upload_positions(dict(enumerate(first for first, _ in spans)))
         shape = tuple(rows for _, rows in spans)
-        graphable = max(shape) <= self.graph_max_rows
-        work = [(k, self.workspace(rows), self.positions[k:k + 1], self._kv_bound(graphable, first + rows))
+        graphed = self._graphed(max(shape), params)
+        work = [(k, self.workspace(rows), self.positions[k:k + 1], self._kv_bound(graphed, first + rows))
                 for k, (first, rows) in enumerate(spans)]
 
         def run() -> None:
@@ -108,32 +118,27 @@ class DecodeRunner:
                 self.model.mtp_step(k, self.state, ws, pos, bound)
                 self.model.emit(self.state, ws, pos, k + 1, params, self.generator)
 
-        self._execute(("burst", shape, params), graphable, run)
+        self._execute(("burst", shape, params), graphed, run)
 
-    def _execute(self, key: tuple, graphable: bool, run: Callable[[], None]) -> None:
-        """Replay the key's graph, or run eagerly; a graphable shape seen for the first time runs
+    def _execute(self, key: tuple, graphed: bool, run: Callable[[], None]) -> None:
+        """Replay the key's graph, or run eagerly; a graphed shape seen for the first time runs
         eagerly (its real work, and the warm-up: Triton compiles, allocator growth) and is then
         captured for the next time."""
-        params = key[-1]
-        # A sampling step draws from the runner's generator; graphs can replay that only where
-        # torch lets a graph register a non-default generator.
-        graphable = graphable and (not params.do_sample or hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
-        self._samples = params.do_sample
         graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
         run()
-        if self.use_graphs and graphable:
-            self.graphs[key] = self._capture(run)
+        if graphed:
+            self.graphs[key] = self._capture(run, samples=key[-1].do_sample)
 
-    def _capture(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    def _capture(self, run: Callable[[], None], samples: bool) -> torch.cuda.CUDAGraph:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if self._samples:
+        if samples:
             graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph, pool=self._pool):
             run()  # recorded, not executed: the state is untouched by the capture

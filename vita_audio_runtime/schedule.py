@@ -52,9 +52,9 @@ def expand(mode: "str | Mode | Sequence[int]", length: int) -> str:
     big, small = counts[0::2], counts[1::2]
     out: list[str] = []
     i = 0
-    while len(out) < length:
-        out += ["M"] * big[min(i, len(big) - 1)]
-        out += ["m"] * small[min(i, len(small) - 1)]
+    while len(out) < length:  # counts are capped at what is still needed: [10**9, 1] is fine
+        out += ["M"] * min(big[min(i, len(big) - 1)], length - len(out))
+        out += ["m"] * min(small[min(i, len(small) - 1)], length - len(out))
         i += 1
     return "".join(out[:length])
 

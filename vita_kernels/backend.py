@@ -20,7 +20,7 @@ from vita_kernels.registry import OpSpec, ops
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
 # Per op, the implementation `auto` uses on a GPU, as measured by `benchmarks/bench_ops.py
-# --write-auto` ({"device_name": ..., "choice": {op: impl}}). Ops without a measurement use Triton.
+# --write-auto-choice` ({"device_name": ..., "choice": {op: impl}}). Ops without a measurement use Triton.
 AUTO_CHOICE_FILE = Path(__file__).with_name("auto_choice.json")
 
 
@@ -66,24 +66,31 @@ class KernelBackend:
         return f"KernelBackend({self.name!r}, {self.choice})"
 
 
-def _pick(spec: OpSpec, name: str, device: torch.device, measured: dict[str, str]) -> str:
+# The CUDA C++ kernels are written for the half-precision model dtypes.
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _pick(spec: OpSpec, name: str, device: torch.device, dtype: torch.dtype | None, measured: dict[str, str]) -> str:
     if name == "torch":
         return "torch"
     if name == "triton":
         return "triton" if "triton" in spec.impls else "torch"
+    cuda_ok = "cuda" in spec.impls and (dtype is None or dtype in CUDA_DTYPES)
     if name == "cuda":
-        return "cuda" if "cuda" in spec.impls else _pick(spec, "triton", device, measured)
+        return "cuda" if cuda_ok else _pick(spec, "triton", device, dtype, measured)
     # auto
     if device.type != "cuda":
         return "torch"
     preferred = measured.get(spec.name, "triton")
-    if preferred == "cuda" and ("cuda" not in spec.impls or cuda_extension() is None):
+    if preferred == "cuda" and not cuda_ok:
         preferred = "triton"
     return preferred if preferred in spec.impls else "torch"
 
 
-def resolve_backend(name: str, device: torch.device | str) -> KernelBackend:
-    """Resolve a backend name for a device into one implementation per op, or raise why not."""
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> KernelBackend:
+    """Resolve a backend name for a device (and the model dtype, where known) into one
+    implementation per op, or raise why not. `cuda` falls back to Triton per op where the
+    extension lacks the op or the dtype (fp32)."""
     device = torch.device(device)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
@@ -103,7 +110,7 @@ def resolve_backend(name: str, device: torch.device | str) -> KernelBackend:
     impls, choice = {}, {}
     measured = auto_choice(device) if name == "auto" else {}
     for spec in ops():
-        picked = _pick(spec, name, device, measured)
+        picked = _pick(spec, name, device, dtype, measured)
         choice[spec.name] = picked
         impls[spec.name] = spec.ref if picked == "torch" else spec.impls[picked]
     return KernelBackend(name, impls, choice)
