@@ -1,6 +1,6 @@
 """Attention-specific behaviour beyond the registry cases: the first slot, row blocks and KV blocks
-past one, both GQA launch layouts, long caches, strided layouts, garbage past the visible slots,
-CUDA-graph capture, and argument validation."""
+past one, both GQA launch layouts, several sequences in separate cache regions, long caches, strided
+layouts, garbage past the visible slots, CUDA-graph capture, and argument validation."""
 from __future__ import annotations
 
 import math
@@ -20,12 +20,14 @@ def _inputs(gen, rows, num_heads, num_kv_heads, head_dim, max_len, dtype=torch.f
     return rnd(rows, num_heads, head_dim), rnd(num_kv_heads, max_len, head_dim), rnd(num_kv_heads, max_len, head_dim)
 
 
-def _pos(p: int) -> torch.Tensor:
-    return torch.tensor([p], dtype=torch.int64, device=DEVICE)
+def _pos(p: int, rows: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cache_rows, positions) of `rows` rows at positions p.. of the cache region at `start`."""
+    positions = torch.arange(p, p + rows, dtype=torch.int64, device=DEVICE)
+    return positions + start, positions
 
 
 def _assert_matches_ref(o, q, k, v, pos, atol=2e-5):
-    ref = attention_ref(q.float(), k.float(), v.float(), pos)
+    ref = attention_ref(q.float(), k.float(), v.float(), *pos)
     assert torch.isfinite(o).all()
     torch.testing.assert_close(o.float(), ref, atol=atol, rtol=atol)
 
@@ -33,7 +35,7 @@ def _assert_matches_ref(o, q, k, v, pos, atol=2e-5):
 def test_pos0_single_row_is_the_first_value_row(gen):
     """Row 0 at pos 0 sees only slot 0: the output is exactly V[g(h), 0]."""
     q, k, v = _inputs(gen, 1, 6, 2, 16, 48)
-    o = attention(q, k, v, _pos(0))
+    o = attention(q, k, v, *_pos(0, 1))
     expected = v[:, 0].repeat_interleave(3, dim=0).reshape(1, -1)
     torch.testing.assert_close(o, expected, atol=1e-6, rtol=0)
 
@@ -43,7 +45,8 @@ def test_pos0_single_row_is_the_first_value_row(gen):
 def test_row_blocks_and_gqa_layouts(gen, rows, pos, heads_per_program):
     """R past one row block (16 rows per-head, 16 x 4 grouped) and KV past one block, both layouts."""
     q, k, v = _inputs(gen, rows, 6, 2, 16, 100)
-    _assert_matches_ref(attention(q, k, v, _pos(pos), heads_per_program=heads_per_program), q, k, v, _pos(pos))
+    _assert_matches_ref(attention(q, k, v, *_pos(pos, rows), heads_per_program=heads_per_program), q, k, v,
+                        _pos(pos, rows))
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(4, 4, 16), (7, 1, 128), (6, 3, 24), (8, 2, 64)],
@@ -52,7 +55,7 @@ def test_row_blocks_and_gqa_layouts(gen, rows, pos, heads_per_program):
 def test_head_geometries(gen, num_heads, num_kv_heads, head_dim, rows):
     """Group sizes 1, 7 (padded to 8 in the grouped tile, as at 7B), 2, 4; head_dim not a power of 2."""
     q, k, v = _inputs(gen, rows, num_heads, num_kv_heads, head_dim, 64)
-    _assert_matches_ref(attention(q, k, v, _pos(64 - rows)), q, k, v, _pos(64 - rows))
+    _assert_matches_ref(attention(q, k, v, *_pos(64 - rows, rows)), q, k, v, _pos(64 - rows, rows))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -60,10 +63,10 @@ def test_long_cache_low_precision(gen, dtype):
     """A 300-slot cache ending at the last slot: error at most 2x the low-precision reference's."""
     rows, max_len = 5, 300
     q, k, v = _inputs(gen, rows, 6, 2, 32, max_len, dtype)
-    pos = _pos(max_len - rows)
-    truth = attention_ref(q.float(), k.float(), v.float(), pos)
-    base_err = (attention_ref(q, k, v, pos).float() - truth).abs().max().item()
-    err = (attention(q, k, v, pos).float() - truth).abs().max().item()
+    pos = _pos(max_len - rows, rows)
+    truth = attention_ref(q.float(), k.float(), v.float(), *pos)
+    base_err = (attention_ref(q, k, v, *pos).float() - truth).abs().max().item()
+    err = (attention(q, k, v, *pos).float() - truth).abs().max().item()
     assert err <= 2 * base_err + 1e-5, (err, base_err)
 
 
@@ -74,7 +77,37 @@ def test_slots_past_the_last_row_are_never_read(gen):
     k_dirty, v_dirty = k.clone(), v.clone()
     k_dirty[:, pos + rows:] = float("nan")
     v_dirty[:, pos + rows:] = float("inf")
-    _assert_matches_ref(attention(q, k_dirty, v_dirty, _pos(pos)), q, k, v, _pos(pos))
+    _assert_matches_ref(attention(q, k_dirty, v_dirty, *_pos(pos, rows)), q, k, v, _pos(pos, rows))
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 3], ids=["per-head", "grouped"])
+def test_sequences_in_separate_regions(gen, heads_per_program):
+    """Several sequences in one step, each in its own cache region (in any order), with row
+    counts past one row block and padding entries: each sequence's rows equal that sequence
+    run alone, and no row sees another region (the other regions hold NaN)."""
+    region = 64
+    layout = [(2, 20, 5), (0, 0, 1), (3, 40, 18)]  # (region, first position, rows)
+    rows = sum(n for _, _, n in layout)
+    q, k, v = _inputs(gen, rows, 6, 2, 16, 4 * region)
+    k_dirty, v_dirty = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    cache_rows, positions, seqs, first = [], [], [], 0
+    for r, p, n in layout:
+        span = slice(r * region, r * region + p + n)
+        k_dirty[:, span], v_dirty[:, span] = k[:, span], v[:, span]
+        cr, ps = _pos(p, n, start=r * region)
+        cache_rows.append(cr)
+        positions.append(ps)
+        seqs.append([first, n])
+        first += n
+    seqs += [[rows, 0], [rows, 0]]  # padding entries
+    as_tensor = dict(dtype=torch.int64, device=DEVICE)
+    o = attention(q, k_dirty, v_dirty, torch.cat(cache_rows), torch.cat(positions), seqs=torch.tensor(seqs, **as_tensor),
+                  max_seq_rows=32, heads_per_program=heads_per_program)
+    first = 0
+    for r, p, n in layout:
+        region_k, region_v = k[:, r * region:(r + 1) * region], v[:, r * region:(r + 1) * region]
+        _assert_matches_ref(o[first:first + n], q[first:first + n], region_k, region_v, _pos(p, n))
+        first += n
 
 
 def test_strided_layouts(gen):
@@ -87,83 +120,73 @@ def test_strided_layouts(gen):
     k_seq_major = k.transpose(0, 1).contiguous().transpose(0, 1)  # [nkv, S, d] view of [S, nkv, d]
     v_seq_major = v.transpose(0, 1).contiguous().transpose(0, 1)
     out = torch.full((rows, 6 * 16 + 8), float("nan"), device=DEVICE)[:, : 6 * 16]
-    res = attention(q_strided, k_seq_major, v_seq_major, _pos(pos), out=out)
+    res = attention(q_strided, k_seq_major, v_seq_major, *_pos(pos, rows), out=out)
     assert res is out
-    _assert_matches_ref(out, q, k, v, _pos(pos))
+    _assert_matches_ref(out, q, k, v, _pos(pos, rows))
 
 
 def test_launch_policy():
     """Decode and the MCTP steps (R <= 16) get one program per query head (28 at 7B); prefill
     gets one per KV head and 8-row block, each K/V block serving all 7 heads of its group."""
-    grid, cfg, _ = attn_mod._launch_config(1, 28, 4, 128, torch.bfloat16)
-    assert grid == (28, 1) and cfg["HEADS"] == 1
-    grid, cfg, _ = attn_mod._launch_config(14, 28, 4, 128, torch.bfloat16)
-    assert grid == (28, 1)
-    grid, cfg, _ = attn_mod._launch_config(300, 28, 4, 128, torch.bfloat16)
-    assert cfg["HEADS"] == 7 and cfg["HEADS_P"] == 8 and grid == (4, math.ceil(300 / cfg["BLOCK_R"]))
+    grid, cfg, _ = attn_mod._launch_config(1, 1, 28, 4, 128, torch.bfloat16)
+    assert grid == (28, 1, 1) and cfg["HEADS"] == 1
+    grid, cfg, _ = attn_mod._launch_config(14, 8, 28, 4, 128, torch.bfloat16)
+    assert grid == (28, 8, 1)
+    grid, cfg, _ = attn_mod._launch_config(300, 1, 28, 4, 128, torch.bfloat16)
+    assert cfg["HEADS"] == 7 and cfg["HEADS_P"] == 8 and grid == (4, 1, math.ceil(300 / cfg["BLOCK_R"]))
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda q, k, v, p: (q[0], k, v, p, None), "q must be"),
-    (lambda q, k, v, p: (q, k[0], v, p, None), "k_cache must be"),
-    (lambda q, k, v, p: (q, k, v[:, :10], p, None), "v_cache has shape"),
-    (lambda q, k, v, p: (q, k.half(), v, p, None), "k_cache has dtype"),
-    (lambda q, k, v, p: (q.int(), k, v, p, None), "q has dtype"),
-    (lambda q, k, v, p: (q[:, :5], k, v, p, None), "expected a multiple of k_cache's 2 KV heads"),
-    (lambda q, k, v, p: (q[..., :8], k, v, p, None), "k_cache has head_dim 16"),
-    (lambda q, k, v, p: (q, k, v, p.int(), None), "pos must be an int64"),
-    (lambda q, k, v, p: (q, k, v, torch.zeros(2, dtype=torch.int64, device=p.device), None), "pos must be"),
-    (lambda q, k, v, p: (q, k[:, :2], v[:, :2], p, None), "cache holds only 2 slots"),
-    (lambda q, k, v, p: (q, k, v, p, torch.empty(3, 95, device=q.device)), "out has shape"),
-    (lambda q, k, v, p: (q, k, v, p, torch.empty(3, 96, device=q.device, dtype=torch.half)), "out has dtype"),
-], ids=["q-2d", "cache-2d", "v-shape", "k-dtype", "q-int", "heads-not-multiple", "head-dim", "pos-int32",
-        "pos-2-elements", "rows-past-cache", "out-shape", "out-dtype"])
+    (lambda q, k, v, c, p: (q[0], k, v, c, p), "q must be"),
+    (lambda q, k, v, c, p: (q, k[0], v, c, p), "k_cache must be"),
+    (lambda q, k, v, c, p: (q, k, v[:, :10], c, p), "v_cache has shape"),
+    (lambda q, k, v, c, p: (q, k.half(), v, c, p), "k_cache has dtype"),
+    (lambda q, k, v, c, p: (q.int(), k, v, c, p), "q has dtype"),
+    (lambda q, k, v, c, p: (q[:, :5], k, v, c, p), "expected a multiple of k_cache's 2 KV heads"),
+    (lambda q, k, v, c, p: (q[..., :8], k, v, c, p), "k_cache has head_dim 16"),
+    (lambda q, k, v, c, p: (q, k, v, c.int(), p), "cache_rows has dtype"),
+    (lambda q, k, v, c, p: (q, k, v, c, p[:2]), r"positions has shape \[2\], expected \[3\]"),
+    (lambda q, k, v, c, p: (q, k, v, c, p, torch.empty(3, 95, device=q.device)), "out has shape"),
+    (lambda q, k, v, c, p: (q, k, v, c, p, torch.empty(3, 96, device=q.device, dtype=torch.half)), "out has dtype"),
+], ids=["q-2d", "cache-2d", "v-shape", "k-dtype", "q-int", "heads-not-multiple", "head-dim", "rows-int32",
+        "positions-short", "out-shape", "out-dtype"])
 def test_bad_arguments(gen, make, match):
     q, k, v = _inputs(gen, 3, 6, 2, 16, 48)
     with pytest.raises(ValueError, match=match):
-        attention(*make(q, k, v, _pos(4)))
+        attention(*make(q, k, v, *_pos(4, 3)))
+
+
+def test_bad_sequence_table(gen):
+    q, k, v = _inputs(gen, 3, 6, 2, 16, 48)
+    with pytest.raises(ValueError, match=r"seqs has shape \[2\], expected \[B, 2\]"):
+        attention(q, k, v, *_pos(4, 3), seqs=torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="max_seq_rows must be a positive int"):
+        attention(q, k, v, *_pos(4, 3), max_seq_rows=0)
 
 
 def test_bad_heads_per_program(gen):
     q, k, v = _inputs(gen, 3, 6, 2, 16, 48)
     with pytest.raises(ValueError, match="heads_per_program must be 1 or the group size 3"):
-        attention(q, k, v, _pos(4), heads_per_program=2)
+        attention(q, k, v, *_pos(4, 3), heads_per_program=2)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_reads_pos_on_the_device(gen):
-    """Captured once, replayed at new positions by writing pos: no host sync, fixed grid."""
+def test_cuda_graph_capture_reads_positions_on_the_device(gen):
+    """Captured once, replayed at new positions by writing the position tensors: no host sync, fixed grid."""
     rows = 14
     q, k, v = _inputs(gen, rows, 28, 4, 128, 512, torch.bfloat16)
-    pos = _pos(0)
+    cache_rows, positions = _pos(0, rows)
     out = torch.empty(rows, 28 * 128, device=DEVICE, dtype=torch.bfloat16)
-    attention(q, k, v, pos, out=out)  # compile outside the capture
+    attention(q, k, v, cache_rows, positions, out=out)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        attention(q, k, v, pos, out=out)
+        attention(q, k, v, cache_rows, positions, out=out)
     for p in (0, 100, 512 - rows):
-        pos.fill_(p)
+        for t, value in zip((cache_rows, positions), _pos(p, rows)):
+            t.copy_(value)
         graph.replay()
         torch.cuda.synchronize()
-        truth = attention_ref(q.float(), k.float(), v.float(), pos)
-        base_err = (attention_ref(q, k, v, pos).float() - truth).abs().max().item()
+        truth = attention_ref(q.float(), k.float(), v.float(), cache_rows, positions)
+        base_err = (attention_ref(q, k, v, cache_rows, positions).float() - truth).abs().max().item()
         assert (out.float() - truth).abs().max().item() <= 2 * base_err + 1e-5
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(attn_mod._flash_attn_with_kvcache is None, reason="flash-attn is not installed (optional extra)")
-def test_flash_wrapper_matches_reference(gen):
-    rows, pos = 14, 200
-    q, k, v = _inputs(gen, rows, 28, 4, 128, 512, torch.bfloat16)
-    truth = attention_ref(q.float(), k.float(), v.float(), _pos(pos))
-    base_err = (attention_ref(q, k, v, _pos(pos)).float() - truth).abs().max().item()
-    err = (attn_mod.attention_flash(q, k, v, _pos(pos)).float() - truth).abs().max().item()
-    assert err <= 4 * base_err + 1e-5  # flash-attn rounds P to bf16 before P @ V: looser than 2x
-
-
-def test_flash_is_registered_only_when_importable():
-    from vita_kernels.registry import get_op
-
-    assert ("flash" in get_op("attention").impls) == (attn_mod._flash_attn_with_kvcache is not None)
-    assert get_op("attention").impls["triton"] is attention

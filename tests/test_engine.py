@@ -4,7 +4,8 @@ import torch
 
 from vita_audio_runtime.checkpoint import random_tensors
 from vita_audio_runtime.config import PRESETS, GenerationDefaults, SpecialTokens
-from vita_audio_runtime.engine import AudioChunk, AudioChunker, Engine, Token
+from vita_audio_runtime.engine import Engine
+from vita_audio_runtime.request import AudioChunk, AudioChunker, Token
 
 PRESET = PRESETS["tiny"]
 CFG = PRESET.config
@@ -21,7 +22,7 @@ def engine():
     (dict(prompt_ids=[-1]), r"prompt_ids\[0\] = -1 is outside"),
     (dict(prompt_ids=[1.5]), r"prompt_ids\[0\] = 1.5 is not an integer"),
     (dict(prompt_ids=[1] * 60, max_new_tokens=5), r"60 tokens\) \+ max_new_tokens \(5\) = 65 exceeds .* 64"),
-    (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
     (dict(prompt_ids=[1], mode="warp"), "unknown mode 'warp'"),
     (dict(prompt_ids=[1], mode=[1, 10, 4]), "even"),
     (dict(prompt_ids=[1], mode="0,10"), "first count"),
@@ -138,7 +139,7 @@ def test_sampling_defaults_come_from_generation_config():
 
 def test_memory_report_counts_the_static_buffers(engine):
     report = engine.memory_report()
-    h, s = CFG.hidden_size, 64
+    h, s = CFG.hidden_size, 64 * (engine.max_batch + 1)  # a region per slot, plus the scratch region
     assert report["kv_cache"] == 2 * CFG.num_layers_total * CFG.num_key_value_heads * s * CFG.head_dim * 4
     assert report["weights"] > 0 and report["workspaces"] > 0 and report["graph_pool"] == 0
     assert report["state_other"] >= CFG.num_mtp_modules * s * h * 4

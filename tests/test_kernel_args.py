@@ -194,11 +194,10 @@ def test_cache_written_only_at_new_slots():
     ref_kw = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     q_ref = qkv_rope.qkv_rope_cache_ref(**ref_kw)
     q = qkv_rope.qkv_rope_cache(**kw)
-    pos, rows = int(kw["pos"]), kw["x"].shape[0]
     new = torch.zeros(GEOM.cache_len, dtype=torch.bool)
-    new[pos:pos + rows] = True
+    new[kw["cache_rows"]] = True
     for name, before in (("k_cache", k_before), ("v_cache", v_before)):
-        assert torch.equal(kw[name][:, ~new], before[:, ~new]), f"{name} changed outside slots pos..pos+R-1"
+        assert torch.equal(kw[name][:, ~new], before[:, ~new]), f"{name} changed outside the rows' cache slots"
         assert torch.equal(kw[name][:, new], ref_kw[name][:, new]), f"{name} new slots differ from the reference"
         assert not torch.equal(kw[name][:, new], before[:, new])
     assert torch.equal(q, q_ref)

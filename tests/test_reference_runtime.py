@@ -7,6 +7,7 @@ from vita_audio_runtime.checkpoint import random_tensors
 from vita_audio_runtime.config import PRESETS
 from vita_audio_runtime.engine import Engine
 from vita_audio_runtime.model import VitaModel
+from vita_audio_runtime.scheduler import Span
 from vita_kernels.backend import resolve_backend
 from vita_kernels.head import head_logits_ref
 
@@ -36,9 +37,9 @@ def test_llm_logits_equal_transformers_qwen2(tensors, hf, prompt_len):
     prompt = torch.randint(0, CFG.vocab_size, (prompt_len,), generator=gen).tolist()
     engine = _engine(tensors)
     runner, model = engine.runner, engine.model
-    runner.reset(prompt, seed=0)
-    ws = runner.workspace(prompt_len)
-    model.llm_step(runner.state, ws, torch.tensor([0]), prompt_len)
+    runner.reset_slot(0, prompt, seed=0)
+    ws, window, _ = runner.prepare([Span(0, 0, prompt_len, emit=False)], ahead=0)
+    model.llm_step(runner.state, ws, window)
     ours = head_logits_ref(ws.x, model.final_norm, model.lm_head, CFG.rms_norm_eps)
     _, theirs = hf.llm_hidden_and_logits(prompt)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
@@ -53,10 +54,10 @@ def test_mctp_module_equals_formula(tensors, hf, module):
     h_k = torch.randn(rows, CFG.hidden_size, generator=gen) * 2  # raw input hidden of module k
     engine = _engine(tensors)
     runner, model = engine.runner, engine.model
-    runner.reset(tokens, seed=0)
+    runner.reset_slot(0, tokens, seed=0)
     runner.state.hidden[module, :rows] = h_k
-    ws = runner.workspace(rows)
-    model.mtp_step(module, runner.state, ws, torch.tensor([0]), rows)
+    ws, window, _ = runner.prepare([Span(0, 0, rows, emit=False)], ahead=module + 1)
+    model.mtp_step(module, runner.state, ws, window)
     ours = head_logits_ref(ws.x, model.final_norm, model.lm_head, CFG.rms_norm_eps)
     h_in = hf.llm.model.norm(h_k)  # the module consumes the post-final-norm hidden
     theirs = hf.llm.lm_head(hf.module_forward(module, tokens, h_in))

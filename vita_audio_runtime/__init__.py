@@ -5,12 +5,14 @@ CUDA-graph decode loop.
     from vita_audio_runtime import Engine
     engine = Engine.from_pretrained("small")            # or a checkpoint directory
     result = engine.generate(prompt_ids, mode="turbo", max_new_tokens=128)
+    request = engine.submit(prompt_ids, mode="boost")   # from any thread; requests share the batch
 """
 import importlib
 
 # Exports resolve on first use, so importing the package (e.g. for the CLI) defines no Triton
 # kernel before the CLI has decided whether Triton runs through its CPU interpreter.
-_EXPORTS = {"AudioChunk": "engine", "Engine": "engine", "GenerationResult": "engine", "Token": "engine",
+_EXPORTS = {"AudioChunk": "request", "Engine": "engine", "GenerationResult": "request", "Token": "request",
+            "Request": "request", "QueueFullError": "request", "EngineClosedError": "request",
             "CheckpointError": "config", "VitaConfig": "config", "Mode": "schedule"}
 __all__ = sorted(_EXPORTS)
 

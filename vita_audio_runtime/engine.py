@@ -1,19 +1,28 @@
-"""The generation engine: checkpoint or preset in, tokens, producers, audio chunks and timings out."""
+"""The generation engine: checkpoint or preset in; tokens, producers, audio chunks and timings out,
+for many requests at once.
+
+One worker thread owns the device state and runs the decode loop (`_tick`); every public call
+is safe from any thread: it validates, queues a Request and waits on it.
+"""
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
-import time
-from dataclasses import dataclass, field
+import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import torch
 
 from vita_audio_runtime.checkpoint import check_tensors, expected_tensor_shapes, load_checkpoint, random_tensors
 from vita_audio_runtime.config import PRESETS, GenerationDefaults, SpecialTokens, VitaConfig
 from vita_audio_runtime.model import VitaModel
+from vita_audio_runtime.request import (AudioChunk, EngineClosedError, GenerationResult, QueueFullError, Request,
+                                        RequestParams, Token)
 from vita_audio_runtime.runner import DecodeRunner
-from vita_audio_runtime.schedule import LLM, Mode, steps
+from vita_audio_runtime.scheduler import Scheduler, SlotState
+from vita_audio_runtime.schedule import Mode
 from vita_kernels.backend import resolve_backend
 from vita_kernels.sampling import SamplingParams
 
@@ -21,88 +30,19 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def producer_name(producer: int) -> str:
-    return "llm" if producer == LLM else f"mtp{producer}"
-
-
-@dataclass
-class Token:
-    """A generated id outside any audio segment (text, EOS, a stray marker or code)."""
-
-    id: int
-    producer: int  # LLM (-1) or MCTP module k
-
-
-@dataclass
-class AudioChunk:
-    """The codes of one audio segment (ids between begin- and end-of-audio, minus the offset)."""
-
-    codes: list[int]
-    producers: list[int]
-    complete: bool = True  # False: generation stopped inside the segment
-
-
-class AudioChunker:
-    """Turns a token stream into Token and AudioChunk events as soon as each is decidable."""
-
-    def __init__(self, special: SpecialTokens):
-        if not special.has_audio:
-            raise ValueError("this checkpoint names no audio tokens (added_tokens.json / tokenizer_config.json / "
-                             "config.json speech_token_offset): audio-chunk detection needs them")
-        self.special = special
-        self.codes: list[int] | None = None  # inside a segment when not None
-        self.producers: list[int] = []
-
-    def push(self, token: int, producer: int) -> list[Token | AudioChunk]:
-        s = self.special
-        if self.codes is None:
-            if token == s.begin_of_audio:
-                self.codes, self.producers = [], [producer]
-                return []
-            return [Token(token, producer)]
-        if token == s.end_of_audio:
-            chunk = AudioChunk(self.codes, self.producers + [producer])
-            self.codes, self.producers = None, []
-            return [chunk]
-        if s.is_audio(token):
-            self.codes.append(token - s.audio_offset)
-            self.producers.append(producer)
-            return []
-        # Text inside a segment ends it early: flush what was collected, then the token.
-        chunk = AudioChunk(self.codes, self.producers, complete=False)
-        self.codes, self.producers = None, []
-        return [chunk, Token(token, producer)]
-
-    def finish(self) -> list[AudioChunk]:
-        if self.codes is None:
-            return []
-        chunk = AudioChunk(self.codes, self.producers, complete=False)
-        self.codes = None
-        return [chunk]
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]  # the new ids
-    producers: list[int]  # per new id: LLM (-1) or module k
-    stop_reason: str  # "eos" or "length"
-    timings: dict[str, float | None] = field(default_factory=dict)
-    audio_chunks: list[AudioChunk] = field(default_factory=list)
-
-    @property
-    def producer_names(self) -> list[str]:
-        return [producer_name(p) for p in self.producers]
-
-
 class Engine:
-    """A loaded model, its kernels and its decode runner; `generate` and `stream` run the modes.
+    """A loaded model, its kernels, `max_batch` decode slots and the worker that serves them.
 
     Build with `Engine.from_pretrained(path_or_preset, device=..., dtype=..., backend=...)`.
+    `submit` queues a request and returns at once; `generate`, `stream` and `astream` wrap it.
+    Requests join the running batch at the next step boundary and leave it on EOS, length or
+    cancellation; each gets exactly the tokens it would get alone.
     """
 
     def __init__(self, cfg: VitaConfig, tensors: dict[str, torch.Tensor], special: SpecialTokens,
                  defaults: GenerationDefaults, backend: str = "auto", max_seq_len: int = 4096,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, max_batch: int = 8, max_queue: int = 64,
+                 prefill_chunk: int = 512):
         """Build from checkpoint-named tensors (validated here), which the model takes out of
         `tensors`; pass `dict(tensors)` to keep your mapping."""
         check_tensors(cfg, tensors)
@@ -113,37 +53,45 @@ class Engine:
         if max_seq_len + cfg.num_mtp_modules + 1 > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_len} + {cfg.num_mtp_modules + 1} MCTP look-ahead positions exceeds "
                              f"the model's max_position_embeddings {cfg.max_position_embeddings}")
+        self.scheduler = Scheduler(max_batch, max_queue, cfg.num_mtp_modules, prefill_chunk)
         self.cfg, self.special, self.defaults = cfg, special, defaults
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.max_batch, self.max_queue = max_seq_len, max_batch, max_queue
         self.kernels = resolve_backend(backend, device, embed.dtype)
         self.model = VitaModel(cfg, tensors, self.kernels, max_seq_len)
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
-        self.runner = DecodeRunner(self.model, max_seq_len, use_graphs)
+        self.runner = DecodeRunner(self.model, max_seq_len, max_batch, use_graphs)
+        self._ids = itertools.count()
+        self._lock = threading.Condition()  # guards the scheduler's queue and the worker's life
+        self._worker: threading.Thread | None = None
+        self._closed: BaseException | None = None
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, backend: str = "auto",
                         max_seq_len: int | None = None, cuda_graphs: bool | None = None,
-                        seed: int = 0) -> "Engine":
+                        seed: int = 0, max_batch: int = 8, max_queue: int = 64,
+                        prefill_chunk: int = 512) -> "Engine":
         """A checkpoint directory, or a built-in random-weight preset: "tiny", "small" or "7b"."""
         device = resolve_device(device)
+        options = dict(backend=backend, cuda_graphs=cuda_graphs, max_batch=max_batch, max_queue=max_queue,
+                       prefill_chunk=prefill_chunk)
         if str(model) in PRESETS:
             preset = PRESETS[str(model)]
             dt = resolve_dtype(dtype or preset.config.torch_dtype, device)
             seq_len = preset.default_max_seq_len if max_seq_len is None else max_seq_len
-            _check_weights_fit(preset.name, preset.config, dt, device, seq_len)
+            _check_weights_fit(preset.name, preset.config, dt, device, seq_len, max_batch)
             tensors = random_tensors(preset.config, dt, device, seed)
-            return cls(preset.config, tensors, preset.special_tokens(), preset.defaults, backend, seq_len,
-                       cuda_graphs)
+            return cls(preset.config, tensors, preset.special_tokens(), preset.defaults, max_seq_len=seq_len,
+                       **options)
         if not Path(model).is_dir():
             raise ValueError(f"--model {model!r} is neither a checkpoint directory nor a preset "
                              f"({', '.join(PRESETS)})")
         dt = resolve_dtype(dtype, device) if dtype is not None else None
         ckpt = load_checkpoint(model, device, dt)
-        return cls(ckpt.config, ckpt.tensors, ckpt.special, ckpt.defaults, backend,
-                   4096 if max_seq_len is None else max_seq_len, cuda_graphs)
+        return cls(ckpt.config, ckpt.tensors, ckpt.special, ckpt.defaults,
+                   max_seq_len=4096 if max_seq_len is None else max_seq_len, **options)
 
     # -- arguments -------------------------------------------------------------------------------
     def sampling_params(self, do_sample=None, temperature=None, top_k=None, top_p=None,
@@ -163,6 +111,8 @@ class Engine:
         return Mode.parse(self.defaults.mtp_inference_mode if mode is None else mode)
 
     def _validate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        if isinstance(prompt_ids, (str, bytes)):
+            raise ValueError("prompt_ids must be a sequence of integer ids, got a string")
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("prompt_ids is empty: generation needs at least one prompt token")
@@ -172,92 +122,170 @@ class Engine:
                 raise ValueError(f"prompt_ids[{i}] = {t!r} is not an integer id")
             if not 0 <= t < v:
                 raise ValueError(f"prompt_ids[{i}] = {t} is outside the vocabulary [0, {v})")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = "
                              f"{len(prompt) + max_new_tokens} exceeds the KV cache's max_seq_len {self.max_seq_len}")
         return prompt
 
-    # -- the decode loop -------------------------------------------------------------------------
-    def _run(self, prompt: list[int], mode, max_new_tokens: int, params: SamplingParams, seed: int,
-             ignore_eos: bool) -> Iterator[tuple[int, int]]:
-        """Yield (token, producer) as the host reads them: one read per LLM step or MCTP burst."""
-        counts = Mode.parse(mode)
-        n = self.cfg.num_mtp_modules
-        runner = self.runner
-        runner.reset(prompt, seed)
-        total = len(prompt)  # tokens so far; the LLM has consumed `llm_rows` of them
-        llm_rows, module_rows = 0, [0] * n  # rows each module has processed
-        eos = set(self.special.eos_ids)
-        for step in steps(counts, n, max_new_tokens):
-            if step.is_llm:  # chunked prefill over every token it has not seen
-                runner.llm_step(llm_rows, total - llm_rows, params)
-                llm_rows, made = total, [LLM]
-            else:  # module k over every row it has not seen (catch-up included), k = 0..B-1
-                runner.burst([(module_rows[k], llm_rows - module_rows[k]) for k in range(step.modules)], params)
-                module_rows[:step.modules] = [llm_rows] * step.modules
-                made = list(range(step.modules))
-            for token, producer in zip(runner.read_tokens(total, len(made)), made):
-                yield token, producer
-                if token in eos and not ignore_eos:
-                    return  # an EOS inside a burst truncates exactly there
-            total += len(made)
+    def request_params(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
+                       temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,
+                       ignore_eos: bool = False) -> RequestParams:
+        """Validate a request's arguments (ValueError naming the bad one) into RequestParams."""
+        sampling = self.sampling_params(do_sample, temperature, top_k, top_p, repetition_penalty)
+        counts = self.mode(mode)
+        prompt = self._validate(prompt_ids, max_new_tokens)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        return RequestParams(tuple(prompt), counts, max_new_tokens, sampling, seed, bool(ignore_eos))
+
+    # -- the public calls ------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
+               temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,
+               ignore_eos: bool = False) -> Request:
+        """Queue a request and return it at once: iterate it for events, `.result()` for the
+        GenerationResult, `.cancel()` to stop it. Raises ValueError for bad arguments and
+        QueueFullError when every slot is busy and max_queue requests already wait."""
+        params = self.request_params(prompt_ids, mode, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                     repetition_penalty, seed, ignore_eos)
+        request = Request(next(self._ids), params, self.special, self.cfg.num_mtp_modules)
+        with self._lock:
+            if self._closed is not None:
+                raise EngineClosedError(f"the engine is closed: {self._closed}")
+            sched = self.scheduler
+            free_slots = self.max_batch - len(sched.running)
+            if len(sched.waiting) >= free_slots + self.max_queue:
+                raise QueueFullError(f"all {self.max_batch} slots are busy and {len(sched.waiting)} requests wait "
+                                     f"(max_queue {self.max_queue}): retry later")
+            sched.waiting.append(request)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="vita-audio-engine", daemon=True)
+                self._worker.start()
+            self._lock.notify_all()
+        return request
 
     def generate(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
                  temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,
                  ignore_eos: bool = False) -> GenerationResult:
         """Generate up to max_new_tokens new ids in the given mode (a name, Mode or list; None: the
         checkpoint's generation_config mtp_inference_mode)."""
-        params = self.sampling_params(do_sample, temperature, top_k, top_p, repetition_penalty)
-        mode = self.mode(mode)
-        prompt = self._validate(prompt_ids, max_new_tokens)
-        chunker = AudioChunker(self.special) if self.special.has_audio else None
-        tokens, producers, chunks = [], [], []
-        first_chunk_tokens = 1 + self.cfg.num_mtp_modules
-        timings: dict[str, float | None] = {"ttft_s": None, "first_chunk_s": None, "first_audio_chunk_s": None}
-        stop = "length"
-        start = time.perf_counter()
-        for token, producer in self._run(prompt, mode, max_new_tokens, params, seed, ignore_eos):
-            now = time.perf_counter() - start
-            tokens.append(token)
-            producers.append(producer)
-            if timings["ttft_s"] is None:
-                timings["ttft_s"] = now
-            if len(tokens) == first_chunk_tokens:
-                timings["first_chunk_s"] = now
-            if chunker is not None:
-                for event in chunker.push(token, producer):
-                    if isinstance(event, AudioChunk):
-                        chunks.append(event)
-                        if timings["first_audio_chunk_s"] is None:
-                            timings["first_audio_chunk_s"] = now
-            if token in self.special.eos_ids and not ignore_eos:
-                stop = "eos"
-        total = time.perf_counter() - start
-        if chunker is not None:
-            chunks += chunker.finish()
-        timings["total_s"] = total
-        timings["tokens_per_s"] = len(tokens) / total
-        if len(tokens) > 1 and timings["ttft_s"] is not None:
-            timings["decode_tokens_per_s"] = (len(tokens) - 1) / max(total - timings["ttft_s"], 1e-9)
-        return GenerationResult(tokens, producers, stop, timings, chunks)
+        return self.submit(prompt_ids, mode, max_new_tokens, do_sample, temperature, top_k, top_p,
+                           repetition_penalty, seed, ignore_eos).result()
 
     def stream(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
                temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,
                ignore_eos: bool = False) -> Iterator[Token | AudioChunk]:
         """Yield Token events and AudioChunk events (codes = id - audio offset) as soon as each
-        segment's end marker is produced, for servers that feed an audio decoder."""
-        params = self.sampling_params(do_sample, temperature, top_k, top_p, repetition_penalty)
-        mode = self.mode(mode)
-        prompt = self._validate(prompt_ids, max_new_tokens)
-        chunker = AudioChunker(self.special)
-        for token, producer in self._run(prompt, mode, max_new_tokens, params, seed, ignore_eos):
-            yield from chunker.push(token, producer)
-        yield from chunker.finish()
+        segment's end marker is produced, for servers that feed an audio decoder. Closing the
+        generator early cancels the request."""
+        if not self.special.has_audio:
+            raise ValueError("this checkpoint names no audio tokens (added_tokens.json / tokenizer_config.json / "
+                             "config.json speech_token_offset): audio-chunk detection needs them")
+        request = self.submit(prompt_ids, mode, max_new_tokens, do_sample, temperature, top_k, top_p,
+                              repetition_penalty, seed, ignore_eos)
+        try:
+            yield from request
+        finally:
+            request.cancel()  # a no-op once it has finished
+
+    async def astream(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
+                      temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,
+                      ignore_eos: bool = False) -> AsyncIterator[Token | AudioChunk]:
+        """`stream` for asyncio: events arrive without blocking the event loop; leaving the loop
+        (break, task cancellation) cancels the request."""
+        request = self.submit(prompt_ids, mode, max_new_tokens, do_sample, temperature, top_k, top_p,
+                              repetition_penalty, seed, ignore_eos)
+        events = iter(request)
+        loop = asyncio.get_running_loop()
+        done = object()
+        try:
+            while (event := await loop.run_in_executor(None, next, events, done)) is not done:
+                yield event
+        finally:
+            request.cancel()
 
     def memory_report(self) -> dict[str, int]:
         return self.runner.memory_report()
+
+    def close(self) -> None:
+        """Stop the worker; unfinished requests end with stop_reason "cancelled"."""
+        with self._lock:
+            if self._closed is None:
+                self._closed = EngineClosedError("closed by Engine.close()")
+            self._lock.notify_all()
+            worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+
+    # -- the decode loop -------------------------------------------------------------------------
+    def _serve(self) -> None:
+        """The worker: tick while any request runs or waits; sleep otherwise. A failed step
+        leaves the device state unknown: every request then ends with that error, and the
+        engine refuses new ones."""
+        sched, failure = self.scheduler, None
+        while True:
+            with self._lock:
+                while sched.idle and self._closed is None:
+                    self._lock.wait()
+                if self._closed is not None:
+                    break
+                admitted = sched.admit()
+            try:
+                for state in admitted:
+                    self.runner.reset_slot(state.slot, state.request.params.prompt, state.request.params.seed)
+                self._tick()
+            except BaseException as error:
+                failure = EngineClosedError(f"the engine failed: {error!r}")
+                failure.__cause__ = error
+                with self._lock:
+                    self._closed = failure
+                break
+        with self._lock:
+            unfinished = list(sched.waiting) + [s.request for s in sched.running.values()]
+            sched.waiting.clear()
+            sched.running.clear()
+        for request in unfinished:
+            request._finish("cancelled", failure)
+
+    def _tick(self) -> None:
+        """One step boundary to the next: every LLM-stepping slot in one variable-length LLM
+        step, then every bursting slot module by module, then one host read of the new tokens."""
+        sched, runner = self.scheduler, self.runner
+        for state in [s for s in sched.running.values() if s.request.cancelled]:
+            self._leave(state, "cancelled")
+        llm, burst = sched.plan()
+        made: list[tuple[SlotState, int, list[int]]] = []  # (slot, first new index, producers)
+        if llm:
+            spans = [s.llm_span() for s in llm]
+            runner.llm_step(spans, [s.request.params.sampling for s, sp in zip(llm, spans) if sp.emit])
+            for state, span in zip(llm, spans):
+                start = state.total
+                produced = state.advance_llm(span)
+                if produced:
+                    made.append((state, start, produced))
+        for k in range(max((s.step.modules for s in burst), default=0)):
+            group = [s for s in burst if s.step.modules > k]
+            runner.mtp_step(k, [s.module_span(k) for s in group], [s.request.params.sampling for s in group])
+        for state in burst:
+            start = state.total
+            made.append((state, start, state.advance_burst()))
+        if not made:
+            return
+        reads = runner.read_tokens([(s.slot, start, len(producers)) for s, start, producers in made])
+        for (state, _, producers), tokens in zip(made, reads):
+            for token, producer in zip(tokens, producers):
+                if state.request._push(token, producer):  # EOS (a burst truncates there) or length
+                    self._leave(state)
+                    break
+            else:
+                if state.step is None:
+                    self._leave(state, "length")
+
+    def _leave(self, state: SlotState, stop_reason: str | None = None) -> None:
+        with self._lock:
+            self.scheduler.release(state.slot)
+        state.request._finish(stop_reason)
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -273,13 +301,17 @@ def _available_bytes(device: torch.device) -> int | None:
     return None  # unknown here: let the allocator speak
 
 
-def _check_weights_fit(name: str, cfg: VitaConfig, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> None:
-    """A preset's weights, its KV cache and the largest transient (one tensor drawn in fp32, one
-    layer's gate/up concatenation) must fit the device's free memory."""
+def _check_weights_fit(name: str, cfg: VitaConfig, dtype: torch.dtype, device: torch.device, max_seq_len: int,
+                       max_batch: int) -> None:
+    """A preset's weights, its KV cache (one region per slot, plus the scratch region) and the
+    largest transient (one tensor drawn in fp32, one layer's gate/up concatenation) must fit the
+    device's free memory."""
     size = torch.finfo(dtype).bits // 8
     shapes = expected_tensor_shapes(cfg).values()
     weights = sum(math.prod(s) for s in shapes) * size
-    kv_cache = 2 * cfg.num_layers_total * cfg.num_key_value_heads * max_seq_len * cfg.head_dim * size
+    regions = (max_batch + 1) * max_seq_len
+    kv_cache = 2 * cfg.num_layers_total * cfg.num_key_value_heads * regions * cfg.head_dim * size
+    kv_cache += cfg.num_mtp_modules * regions * cfg.hidden_size * size  # the hidden history
     transient = max(4 * max(math.prod(s) for s in shapes), 2 * cfg.intermediate_size * cfg.hidden_size * size)
     needed = weights + kv_cache + transient
     available = _available_bytes(device)

@@ -53,21 +53,24 @@ class MTPWeights:
 
 
 class DecodeState:
-    """Everything one generation writes, preallocated once for batch 1 and max_seq_len rows.
+    """Everything generation writes, preallocated once: `regions` sequence regions of
+    max_seq_len rows each (one per batch slot, plus a scratch region for padding rows).
 
-    tokens[t]: every id (prompt, then generated); the engine keeps every read and write below S;
-    hidden[0][j]: the LLM's raw output at row j; hidden[k][j] (k >= 1): module k-1's raw output;
-    seen: which ids occurred so far (repetition penalty); kv_k / kv_v: [L + N, nkv, S, d].
+    Row j of the sequence in region b is flat row b * S + j of every per-row buffer:
+    tokens[b S + j]: every id (prompt, then generated); hidden[0][b S + j]: the LLM's raw output;
+    hidden[k][b S + j] (k >= 1): module k-1's raw output; seen[b]: which ids occurred in region
+    b's sequence (repetition penalty); kv_k / kv_v: [L + N, nkv, regions * S, d].
     """
 
-    def __init__(self, cfg: VitaConfig, max_seq_len: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: VitaConfig, max_seq_len: int, regions: int, device: torch.device, dtype: torch.dtype):
         n, s = cfg.num_mtp_modules, max_seq_len
-        kv_shape = (cfg.num_layers_total, cfg.num_key_value_heads, s, cfg.head_dim)
+        self.max_seq_len, self.regions = max_seq_len, regions
+        kv_shape = (cfg.num_layers_total, cfg.num_key_value_heads, regions * s, cfg.head_dim)
         self.kv_k = torch.zeros(kv_shape, device=device, dtype=dtype)
         self.kv_v = torch.zeros(kv_shape, device=device, dtype=dtype)
-        self.hidden = torch.zeros((n, s, cfg.hidden_size), device=device, dtype=dtype)
-        self.tokens = torch.zeros(s, device=device, dtype=torch.int64)
-        self.seen = torch.zeros(cfg.vocab_size, device=device, dtype=torch.bool)
+        self.hidden = torch.zeros((n, regions * s, cfg.hidden_size), device=device, dtype=dtype)
+        self.tokens = torch.zeros(regions * s, device=device, dtype=torch.int64)
+        self.seen = torch.zeros((regions, cfg.vocab_size), device=device, dtype=torch.bool)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -78,15 +81,29 @@ class DecodeState:
         return self.kv_cache_bytes + sum(t.numel() * t.element_size() for t in (self.hidden, self.tokens, self.seen))
 
 
-class Workspace:
-    """Activation buffers for steps of exactly `rows` rows (fixed addresses for graph replay)."""
+# The int64 row and sequence tables of a step, in the order they sit in one upload buffer:
+# per row: flat row (cache slot, hidden row, token index), position in its sequence, flat index
+# of the token its module reads (k + 1 ahead); per sequence: first row and row count (the
+# attention grid); per emitting sequence: the row its head reads, the flat index its token goes
+# to, and its region (the seen mask's row).
+ROW_FIELDS = ("flat", "positions", "ahead")
+SEQ_FIELDS = ("seqs",)  # two columns
+EMIT_FIELDS = ("last_rows", "next_flat", "emit_regions")
 
-    def __init__(self, cfg: VitaConfig, rows: int, device: torch.device, dtype: torch.dtype):
+
+class Workspace:
+    """Activation buffers and step tables for steps of `rows` rows in at most `num_seqs`
+    sequences (fixed addresses, so a captured graph can be replayed on new tables)."""
+
+    def __init__(self, cfg: VitaConfig, rows: int, num_seqs: int, device: torch.device, dtype: torch.dtype):
         h, d = cfg.hidden_size, cfg.head_dim
-        self.rows = rows
-        self.offsets = torch.arange(rows, device=device, dtype=torch.int64)
-        self.row_index = torch.zeros(rows, device=device, dtype=torch.int64)
-        self.ahead_index = torch.zeros(rows, device=device, dtype=torch.int64)
+        self.rows, self.num_seqs = rows, num_seqs
+        self.max_seq_rows = rows
+        self.table = torch.zeros(len(ROW_FIELDS) * rows + 2 * num_seqs + len(EMIT_FIELDS) * num_seqs,
+                                 device=device, dtype=torch.int64)
+        self.flat, self.positions, self.ahead = self.table[:3 * rows].view(3, rows)
+        self.seqs = self.table[3 * rows:3 * rows + 2 * num_seqs].view(num_seqs, 2)
+        self.last_rows, self.next_flat, self.emit_regions = self.table[3 * rows + 2 * num_seqs:].view(3, num_seqs)
         self.ids = torch.zeros(rows, device=device, dtype=torch.int64)
         self.h_in = torch.zeros((rows, h), device=device, dtype=dtype)
         self.x = torch.zeros((rows, h), device=device, dtype=dtype)
@@ -94,13 +111,14 @@ class Workspace:
         self.q = torch.zeros((rows, cfg.num_attention_heads, d), device=device, dtype=dtype)
         self.attn = torch.zeros((rows, cfg.num_attention_heads * d), device=device, dtype=dtype)
         self.mlp = torch.zeros((rows, cfg.intermediate_size), device=device, dtype=dtype)
-        self.logits = torch.zeros((1, cfg.vocab_size), device=device, dtype=torch.float32)
-        self.next_id = torch.zeros(1, device=device, dtype=torch.int64)
-        self.next_slot = torch.zeros(1, device=device, dtype=torch.int64)
+        self.last = torch.zeros((num_seqs, h), device=device, dtype=dtype)
+        self.logits = torch.zeros((num_seqs, cfg.vocab_size), device=device, dtype=torch.float32)
+        self.next_id = torch.zeros(num_seqs, device=device, dtype=torch.int64)
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        return sum(t.numel() * t.element_size() for t in vars(self).values()
+                   if isinstance(t, torch.Tensor) and t._base is None)
 
 
 class VitaModel:
@@ -133,58 +151,56 @@ class VitaModel:
         ts += [t for m in self.mtp for t in vars(m).values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def _layer(self, index: int, st: DecodeState, ws: Workspace, pos: torch.Tensor, rope_offset: int,
-               kv_bound: int) -> None:
-        """ws.x <- DecoderLayer_index(ws.x) for ws.rows rows at cache slots pos.., in place.
+    def _layer(self, index: int, st: DecodeState, ws: Workspace, rope_offset: int, window: int) -> None:
+        """ws.x <- DecoderLayer_index(ws.x) for the step's rows at their cache slots, in place.
 
-        kv_bound: a static upper bound on pos + rows; attention is handed only that many cache
-        slots (the fused kernel stops at pos + rows anyway; the masked reference gets cheaper).
+        window: a static bound on every row's position + 1 (the reference attention reads only
+        that many slots of each region; the fused kernel stops at each row's own slot anyway).
         """
         cfg, ops, w = self.cfg, self.ops, self.layers[index]
         k_cache, v_cache = st.kv_k[index], st.kv_v[index]
         ops.qkv_rope_cache(ws.x, w.input_norm, w.w_qkv, w.b_qkv, self.rope_cos, self.rope_sin, k_cache, v_cache,
-                           pos, rope_offset, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps,
-                           out=ws.q)
-        ops.attention(ws.q, k_cache[:, :kv_bound], v_cache[:, :kv_bound], pos, out=ws.attn)
+                           ws.flat, ws.positions, rope_offset, cfg.num_attention_heads, cfg.num_key_value_heads,
+                           cfg.rms_norm_eps, out=ws.q)
+        ops.attention(ws.q, k_cache, v_cache, ws.flat, ws.positions, out=ws.attn, seqs=ws.seqs,
+                      max_seq_rows=ws.max_seq_rows, window=window)
         ops.linear(ws.attn, w.w_o, None, ws.x, out=ws.x1)  # x1 = x + o_proj(attn)
         ops.norm_gate_up(ws.x1, w.post_norm, w.w_gate_up, cfg.rms_norm_eps, out=ws.mlp)
         ops.linear(ws.mlp, w.w_down, None, ws.x1, out=ws.x)  # x = x1 + down_proj(mlp)
 
-    def llm_step(self, st: DecodeState, ws: Workspace, pos: torch.Tensor, kv_bound: int) -> None:
-        """LLM over tokens[pos : pos+R] (chunked prefill); raw rows -> hidden[0]."""
-        torch.add(ws.offsets, pos, out=ws.row_index)
-        torch.index_select(st.tokens, 0, ws.row_index, out=ws.ids)
+    def llm_step(self, st: DecodeState, ws: Workspace, window: int) -> None:
+        """LLM over the step's rows (chunked prefill, per sequence); raw rows -> hidden[0]."""
+        torch.index_select(st.tokens, 0, ws.flat, out=ws.ids)
         torch.index_select(self.embed, 0, ws.ids, out=ws.x)
         for i in range(self.cfg.num_llm_layers):
-            self._layer(i, st, ws, pos, 0, kv_bound)
-        st.hidden[0].index_copy_(0, ws.row_index, ws.x)
+            self._layer(i, st, ws, 0, window)
+        st.hidden[0].index_copy_(0, ws.flat, ws.x)
 
-    def mtp_step(self, k: int, st: DecodeState, ws: Workspace, pos: torch.Tensor, kv_bound: int) -> None:
-        """Module k over rows pos..pos+R-1: reads hidden[k] and tokens row+k+1; writes hidden[k+1]."""
+    def mtp_step(self, k: int, st: DecodeState, ws: Workspace, window: int) -> None:
+        """Module k over the step's rows: reads hidden[k] and the tokens k + 1 ahead; writes hidden[k+1]."""
         cfg, m = self.cfg, self.mtp[k]
-        torch.add(ws.offsets, pos, out=ws.row_index)
-        torch.index_select(st.hidden[k], 0, ws.row_index, out=ws.h_in)
-        torch.add(ws.row_index, k + 1, out=ws.ahead_index)
-        torch.index_select(st.tokens, 0, ws.ahead_index, out=ws.ids)
+        torch.index_select(st.hidden[k], 0, ws.flat, out=ws.h_in)
+        torch.index_select(st.tokens, 0, ws.ahead, out=ws.ids)
         self.ops.mtp_input(ws.ids, self.embed, ws.h_in, self.final_norm, m.emb_norm, m.hid_norm, m.w_proj,
                            cfg.rms_norm_eps, out=ws.x)
-        self._layer(cfg.num_llm_layers + k, st, ws, pos, k + 1, kv_bound)
+        self._layer(cfg.num_llm_layers + k, st, ws, k + 1, window)
         if k + 1 < cfg.num_mtp_modules:  # the last module's rows feed nothing but its head
-            st.hidden[k + 1].index_copy_(0, ws.row_index, ws.x)
+            st.hidden[k + 1].index_copy_(0, ws.flat, ws.x)
 
-    def emit(self, st: DecodeState, ws: Workspace, pos: torch.Tensor, ahead: int, params: SamplingParams,
-             generator: torch.Generator | None) -> None:
-        """Head on the step's last row; the chosen id goes to tokens[pos + R + ahead] and `seen`.
+    def emit(self, st: DecodeState, ws: Workspace, samplers: list | None) -> None:
+        """Head on each emitting sequence's last row; its id goes to tokens[next_flat] and `seen`.
 
-        ahead is 0 for the LLM and k + 1 for module k (its last row predicts k + 1 further on).
+        samplers: None when every sequence decodes greedily with no penalty (the head's fused
+        argmax), else one (SamplingParams, generator, region) per emitting sequence (padding
+        entries included), each applied to its own row of logits with its region's seen mask.
         """
-        last = ws.x[ws.rows - 1:]
         eps = self.cfg.rms_norm_eps
-        if params.fused_greedy:
-            self.ops.head_argmax(last, self.final_norm, self.lm_head, eps, out=ws.next_id)
+        torch.index_select(ws.x, 0, ws.last_rows, out=ws.last)
+        if samplers is None:
+            self.ops.head_argmax(ws.last, self.final_norm, self.lm_head, eps, out=ws.next_id)
         else:
-            self.ops.head_logits(last, self.final_norm, self.lm_head, eps, out=ws.logits)
-            select_next(ws.logits, st.seen, params, generator, out=ws.next_id)
-        torch.add(pos, ws.rows + ahead, out=ws.next_slot)
-        st.tokens.index_copy_(0, ws.next_slot, ws.next_id)
-        st.seen.index_fill_(0, ws.next_id, True)
+            self.ops.head_logits(ws.last, self.final_norm, self.lm_head, eps, out=ws.logits)
+            for i, (params, generator, region) in enumerate(samplers):
+                select_next(ws.logits[i:i + 1], st.seen[region], params, generator, out=ws.next_id[i:i + 1])
+        st.tokens.index_copy_(0, ws.next_flat, ws.next_id)
+        st.seen.index_put_((ws.emit_regions, ws.next_id), torch.ones((), dtype=torch.bool, device=st.seen.device))

@@ -1,127 +1,189 @@
-"""The step runner: executes LLM steps and MCTP bursts eagerly or as CUDA-graph replays."""
+"""The step runner: executes batched LLM steps and MCTP module steps eagerly or as CUDA-graph replays."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from vita_audio_runtime.model import DecodeState, VitaModel, Workspace
+from vita_audio_runtime.scheduler import Span
 from vita_kernels.sampling import SamplingParams
 
 
+def bucket(n: int) -> int:
+    """Padded size for graph keys: powers of two up to 16, then multiples of 16."""
+    if n <= 16:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 16) * 16
+
+
 class DecodeRunner:
-    """Owns the static decode state, the per-row-count workspaces and the captured graphs.
+    """Owns the static decode state (one cache region per batch slot, plus a scratch region
+    that padding rows write to), the workspaces and the captured graphs.
 
     Invariants:
-    - batch size 1 and max_seq_len are fixed for the runner's life; every buffer (KV cache,
-      hidden history, token buffer, workspaces) keeps its address, so a graph stays valid;
-    - between replays only device memory contents change: positions are staged through the
-      `positions` tensor (module k's first row in slot k, the LLM's in slot N), tokens through
-      the state's token buffer; the sampling parameters are part of a graph's key;
-    - one graph per distinct step shape: an LLM step of R rows, or a burst whose module k
-      processes R_k rows, for R <= `graph_max_rows`. Longer steps (the prompt prefill, a module's
-      catch-up over the whole history) run eagerly;
-    - inside a step nothing synchronises with the host; the host reads new tokens once per step
-      (one LLM step or one whole burst), which also orders the next position upload after it;
-    - after a shape's graph is captured, replays allocate nothing.
+    - max_batch and max_seq_len are fixed for the runner's life; every buffer (KV cache, hidden
+      history, token buffer, seen masks, workspaces) keeps its address, so a graph stays valid;
+    - between replays only device memory contents change: each step's row and sequence tables
+      are uploaded into its workspace's `table` (through a ring of pinned host buffers, none
+      rewritten before its previous copy has completed); tokens move through the state's token
+      buffer;
+    - a step is described by its spans (slot, first row, rows, emit); with graphs on, rows and
+      sequences are padded to buckets (padding rows live in the scratch region, padding
+      sequences have no rows), and one graph is captured per (kind, module, row bucket,
+      sequence bucket, emit) up to `graph_max_rows` rows; longer steps run eagerly, as do steps
+      where some sequence samples or applies a repetition penalty (each request's own
+      generator and parameters);
+    - inside a step nothing synchronises with the host; the engine reads the new tokens once
+      per tick; after a key's graph is captured, replays allocate nothing.
     On a CPU (or with use_graphs=False) the same code runs eagerly, step for step.
     """
 
-    def __init__(self, model: VitaModel, max_seq_len: int, use_graphs: bool, graph_max_rows: int = 16):
-        cfg = model.cfg
-        self.model, self.max_seq_len = model, max_seq_len
+    STAGING_RING = 4  # pinned host buffers for table uploads, reused round-robin after an event
+
+    def __init__(self, model: VitaModel, max_seq_len: int, max_batch: int, use_graphs: bool,
+                 graph_max_rows: int | None = None, bucketed: bool | None = None):
+        self.model, self.max_seq_len, self.max_batch = model, max_seq_len, max_batch
         self.device, self.dtype = model.device, model.dtype
         self.use_graphs = bool(use_graphs and self.device.type == "cuda")
-        self.graph_max_rows = graph_max_rows
-        self.state = DecodeState(cfg, max_seq_len, self.device, self.dtype)
-        self.positions = torch.zeros(cfg.num_mtp_modules + 1, dtype=torch.int64, device=self.device)
-        self._positions_host = torch.zeros_like(self.positions, device="cpu",
-                                                pin_memory=self.device.type == "cuda")
-        self.workspaces: dict[int, Workspace] = {}
+        self.bucketed = self.use_graphs if bucketed is None else bucketed
+        self.graph_max_rows = graph_max_rows or max(16, 16 * max_batch)
+        self.scratch = max_batch  # the padding rows' region
+        self.state = DecodeState(model.cfg, max_seq_len, max_batch + 1, self.device, self.dtype)
+        self.workspaces: dict[tuple[int, int], Workspace] = {}
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.graph_pool_bytes = 0
         self._pool = None
-        self.generator = torch.Generator(device=self.device)
+        self.generators = [torch.Generator(device=self.device) for _ in range(max_batch)]
+        pinned = self.device.type == "cuda"
+        self._staging: list[tuple[torch.Tensor | None, torch.cuda.Event | None]] = [(None, None)] * self.STAGING_RING
+        self._staging_next = 0
+        self._pinned = pinned
 
     # -- buffers -----------------------------------------------------------------------------
-    def workspace(self, rows: int) -> Workspace:
-        """Buffers for a step of `rows` rows: kept for graphable sizes (their addresses are baked
-        into graphs), made afresh for the longer eager steps, so prompts of many lengths do not
-        accumulate buffers."""
+    def workspace(self, rows: int, num_seqs: int) -> Workspace:
+        """Buffers for a step: kept for graphable sizes (their addresses are baked into graphs),
+        made afresh for longer eager steps, so prompts of many lengths do not accumulate them."""
         if rows > self.graph_max_rows:
-            return Workspace(self.model.cfg, rows, self.device, self.dtype)
-        if rows not in self.workspaces:
-            self.workspaces[rows] = Workspace(self.model.cfg, rows, self.device, self.dtype)
-        return self.workspaces[rows]
+            return Workspace(self.model.cfg, rows, num_seqs, self.device, self.dtype)
+        key = (rows, num_seqs)
+        if key not in self.workspaces:
+            self.workspaces[key] = Workspace(self.model.cfg, rows, num_seqs, self.device, self.dtype)
+        return self.workspaces[key]
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes held on the device: weights, KV cache, other state, workspaces, graph pool."""
+        """Bytes held on the device: weights, KV cache (every slot's region), other state,
+        workspaces, graph pool."""
         return {"weights": self.model.weight_bytes, "kv_cache": self.state.kv_cache_bytes,
                 "state_other": self.state.bytes - self.state.kv_cache_bytes,
                 "workspaces": sum(ws.bytes for ws in self.workspaces.values()),
                 "graph_pool": self.graph_pool_bytes}
 
-    def reset(self, prompt: list[int], seed: int) -> None:
-        """Start a generation: the prompt into the token buffer and the seen-id mask."""
-        st = self.state
-        ids = torch.tensor(prompt, dtype=torch.int64).to(self.device)
-        st.tokens[: len(prompt)].copy_(ids)
-        st.seen.zero_()
-        st.seen.index_fill_(0, ids, True)
-        self.generator.manual_seed(seed)
+    def reset_slot(self, slot: int, prompt: Sequence[int], seed: int) -> None:
+        """Start a request in `slot`: its prompt into the token buffer, its seen mask, its generator."""
+        st, s = self.state, self.max_seq_len
+        ids = torch.tensor(list(prompt), dtype=torch.int64).to(self.device)
+        st.tokens[slot * s: slot * s + len(prompt)].copy_(ids)
+        st.seen[slot].zero_()
+        st.seen[slot].index_fill_(0, ids, True)
+        self.generators[slot].manual_seed(seed)
 
-    def read_tokens(self, start: int, count: int) -> list[int]:
-        """The host's one read per step: `count` ids from the token buffer (synchronises)."""
-        return self.state.tokens[start:start + count].tolist()
+    def read_tokens(self, reads: list[tuple[int, int, int]]) -> list[list[int]]:
+        """The host's one read per tick: for each (slot, start, count), that slot's ids (synchronises)."""
+        s = self.max_seq_len
+        index = [slot * s + start + i for slot, start, count in reads for i in range(count)]
+        flat = torch.index_select(self.state.tokens, 0, torch.tensor(index, device=self.device)).tolist()
+        out, at = [], 0
+        for _, _, count in reads:
+            out.append(flat[at:at + count])
+            at += count
+        return out
 
     # -- steps -------------------------------------------------------------------------------
-    def _upload_positions(self, values: dict[int, int]) -> None:
-        for slot, value in values.items():
-            self._positions_host[slot] = value
-        self.positions.copy_(self._positions_host, non_blocking=True)
+    def llm_step(self, spans: list[Span], params: list[SamplingParams]) -> None:
+        """The LLM over each span's rows (one sequence each), emitting where span.emit;
+        `params` are the emitting spans' sampling parameters, in order."""
+        self._step(("llm",), spans, 0, params, lambda ws, window: self.model.llm_step(self.state, ws, window))
 
-    def _graphed(self, max_rows: int, params: SamplingParams) -> bool:
-        """Whether a step runs as a graph: on a GPU with graphs on, up to graph_max_rows rows,
-        and for a sampling step only where torch lets a graph register the runner's generator."""
-        return (self.use_graphs and max_rows <= self.graph_max_rows
-                and (not params.do_sample or hasattr(torch.cuda.CUDAGraph, "register_generator_state")))
+    def mtp_step(self, k: int, spans: list[Span], params: list[SamplingParams]) -> None:
+        """Module k over each span's rows, every span emitting its token k + 1 ahead."""
+        self._step(("mtp", k), spans, k + 1, params,
+                   lambda ws, window: self.model.mtp_step(k, self.state, ws, window))
 
-    def _kv_bound(self, graphed: bool, length: int) -> int:
-        """Cache slots attention may read: the exact length in an eager step; the whole cache in
-        a graphed step, which must not bake in one step's length."""
-        return self.max_seq_len if graphed else length
-
-    def llm_step(self, first_row: int, rows: int, params: SamplingParams) -> None:
-        """LLM over rows first_row..first_row+rows-1; its next token lands at first_row + rows."""
-        n = self.model.cfg.num_mtp_modules
-        self._upload_positions({n: first_row})
-        ws, pos = self.workspace(rows), self.positions[n:n + 1]
-        graphed = self._graphed(rows, params)
-        bound = self._kv_bound(graphed, first_row + rows)
+    def _step(self, kind: tuple, spans: list[Span], ahead: int, params: list[SamplingParams],
+              forward: Callable[[Workspace, int], None]) -> None:
+        emitters = [sp for sp in spans if sp.emit]
+        greedy = all(p.fused_greedy for p in params)
+        ws, window, padded = self.prepare(spans, ahead)
+        graphed = self.use_graphs and padded and greedy
+        samplers = None
+        if not greedy:
+            samplers = [(p, self.generators[sp.slot], sp.slot) for p, sp in zip(params, emitters)]
+            samplers += [(SamplingParams(), None, self.scratch)] * (ws.num_seqs - len(emitters))
 
         def run() -> None:
-            self.model.llm_step(self.state, ws, pos, bound)
-            self.model.emit(self.state, ws, pos, 0, params, self.generator)
+            forward(ws, window)
+            if emitters:
+                self.model.emit(self.state, ws, samplers)
 
-        self._execute(("llm", rows, params), graphed, run)
+        self._execute(kind + (ws.rows, ws.num_seqs, bool(emitters)), graphed, run)
 
-    def burst(self, spans: list[tuple[int, int]], params: SamplingParams) -> None:
-        """Modules 0..B-1 in one go: module k over spans[k] = (first_row, rows), each emitting."""
-        self._upload_positions(dict(enumerate(first for first, _ in spans)))
-        shape = tuple(rows for _, rows in spans)
-        graphed = self._graphed(max(shape), params)
-        work = [(k, self.workspace(rows), self.positions[k:k + 1], self._kv_bound(graphed, first + rows))
-                for k, (first, rows) in enumerate(spans)]
+    def prepare(self, spans: list[Span], ahead: int) -> tuple[Workspace, int, bool]:
+        """The workspace for a step over `spans` with its tables uploaded: (workspace, attention
+        window, padded). Padded (with graphs on, up to graph_max_rows rows): rows and sequences
+        rounded up to buckets, the window the whole region, so the step can be captured."""
+        s = self.max_seq_len
+        rows = sum(sp.rows for sp in spans)
+        padded = self.bucketed and rows <= self.graph_max_rows and bucket(rows) <= s
+        rows_p, seqs_p = (bucket(rows), bucket(len(spans))) if padded else (rows, len(spans))
+        ws = self.workspace(rows_p, seqs_p)
+        ws.max_seq_rows = rows_p if padded else max(sp.rows for sp in spans)
+        window = s if padded else max(sp.first + sp.rows for sp in spans)
 
-        def run() -> None:
-            for k, ws, pos, bound in work:
-                self.model.mtp_step(k, self.state, ws, pos, bound)
-                self.model.emit(self.state, ws, pos, k + 1, params, self.generator)
+        flat, positions, seq_table, last_rows, next_flat, regions = [], [], [], [], [], []
+        for sp in spans:
+            if sp.emit:
+                last_rows.append(len(flat) + sp.rows - 1)
+                next_flat.append(sp.slot * s + sp.first + sp.rows + ahead)
+                regions.append(sp.slot)
+            seq_table += [len(flat), sp.rows]
+            positions += range(sp.first, sp.first + sp.rows)
+            flat += range(sp.slot * s + sp.first, sp.slot * s + sp.first + sp.rows)
+        ahead_flat = [f + ahead for f in flat]
+        # Padding: rows in the scratch region, sequences with no rows, emits into scratch.
+        pad_rows, pad_emit = rows_p - rows, seqs_p - len(last_rows)
+        flat += range(self.scratch * s, self.scratch * s + pad_rows)
+        positions += range(pad_rows)
+        ahead_flat += [self.scratch * s] * pad_rows
+        seq_table += [rows_p, 0] * (seqs_p - len(spans))
+        last_rows += [0] * pad_emit
+        next_flat += [self.scratch * s + s - 1] * pad_emit
+        regions += [self.scratch] * pad_emit
+        self._upload(ws, flat + positions + ahead_flat + seq_table + last_rows + next_flat + regions)
+        return ws, window, padded
 
-        self._execute(("burst", shape, params), graphed, run)
+    def _upload(self, ws: Workspace, values: list[int]) -> None:
+        """values -> ws.table with one copy; on a GPU through a pinned buffer that no pending
+        copy still reads (each buffer's last copy is fenced by an event)."""
+        host = torch.tensor(values, dtype=torch.int64)
+        if not self._pinned:
+            ws.table.copy_(host)
+            return
+        i = self._staging_next
+        self._staging_next = (i + 1) % self.STAGING_RING
+        buf, event = self._staging[i]
+        if event is not None:
+            event.synchronize()  # the copy that last read this buffer has completed
+        if buf is None or buf.numel() < host.numel():
+            buf = torch.empty(max(host.numel(), 256), dtype=torch.int64, pin_memory=True)
+            event = torch.cuda.Event()
+        buf[:host.numel()].copy_(host)
+        ws.table.copy_(buf[:host.numel()], non_blocking=True)
+        event.record()
+        self._staging[i] = (buf, event)
 
     def _execute(self, key: tuple, graphed: bool, run: Callable[[], None]) -> None:
-        """Replay the key's graph, or run eagerly; a graphed shape seen for the first time runs
+        """Replay the key's graph, or run eagerly; a graphed key seen for the first time runs
         eagerly (its real work, and the warm-up: Triton compiles, allocator growth) and is then
         captured for the next time."""
         graph = self.graphs.get(key)
@@ -130,16 +192,14 @@ class DecodeRunner:
             return
         run()
         if graphed:
-            self.graphs[key] = self._capture(run, samples=key[-1].do_sample)
+            self.graphs[key] = self._capture(run)
 
-    def _capture(self, run: Callable[[], None], samples: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if samples:
-            graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph, pool=self._pool):
             run()  # recorded, not executed: the state is untouched by the capture
         torch.cuda.synchronize(self.device)

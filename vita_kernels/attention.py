@@ -15,26 +15,44 @@ def attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    pos: torch.Tensor,
+    cache_rows: torch.Tensor,
+    positions: torch.Tensor,
     out: torch.Tensor | None = None,
+    *,
+    seqs: torch.Tensor | None = None,
+    max_seq_rows: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """o[r, h] = softmax(q[r, h] . K[g(h), :pos+r+1]^T / sqrt(d)) @ V[g(h), :pos+r+1], in fp32.
+    """o[r, h] = softmax(q[r, h] . K[g(h), a_r:c_r+1]^T / sqrt(d)) @ V[g(h), a_r:c_r+1], in fp32,
+    with c_r = cache_rows[r] and a_r = c_r - positions[r].
 
-    q: [R, nq, d]; k_cache, v_cache: [nkv, S, d] already holding rows 0..pos+R-1;
-    pos: int64 tensor [1], the cache slot of query row 0; g(h) = h // (nq / nkv).
-    Returns [R, nq * d] in q's dtype. Slots past pos + r are masked, never read as data.
+    q: [R, nq, d]; k_cache, v_cache: [nkv, S, d], each sequence of the step owning a region of
+    the cache that already holds its rows up to c_r; cache_rows, positions: int64 [R] on the
+    device, row r's own cache slot and its position in its sequence (so it sees its sequence's
+    slots a_r..c_r, causally); g(h) = h // (nq / nkv). Returns [R, nq * d] in q's dtype. Slots
+    outside a_r..c_r are masked, never read as data. `seqs` ([B, 2] int64: first row and row
+    count of each sequence, rows of a sequence contiguous) and `max_seq_rows` (a bound on the
+    row counts) only shape the fused kernel's grid; the reference reads rows individually.
+    `window`: a static bound on positions[r] + 1; when given, each row reads only the `window`
+    slots from its region's start (a gather), instead of scoring the whole cache.
     """
     rows, num_heads, head_dim = q.shape
     num_kv_heads, max_len, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    # Query heads of one KV head side by side: [nkv, group * R, d] against [nkv, S, d].
-    qg = q.float().view(rows, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, -1, head_dim)
-    scores = torch.matmul(qg, k_cache.float().transpose(1, 2)) / math.sqrt(head_dim)  # [nkv, group*R, S]
-    limit = pos.reshape(1, 1) + torch.arange(rows, device=q.device)[:, None]  # [R, 1]
-    visible = torch.arange(max_len, device=q.device)[None, :] <= limit  # [R, S]
-    scores = scores.view(num_kv_heads, group, rows, max_len).masked_fill(~visible, float("-inf"))
-    o = torch.matmul(scores.softmax(dim=-1).view(num_kv_heads, group * rows, max_len), v_cache.float())
-    o = o.view(num_kv_heads, group, rows, head_dim).permute(2, 0, 1, 3).reshape(rows, num_heads * head_dim).to(q.dtype)
+    qg = q.float().view(rows, num_kv_heads, group, head_dim).transpose(0, 1)  # [nkv, R, group, d]
+    last = cache_rows.reshape(rows, 1)
+    first = last - positions.reshape(rows, 1)
+    if window is None:
+        slots = torch.arange(max_len, device=q.device)[None, :].expand(rows, -1)  # [R, S]
+        keys, values = k_cache.float()[:, None], v_cache.float()[:, None]  # [nkv, 1, S, d]
+    else:
+        slots = (first + torch.arange(min(window, max_len), device=q.device)[None, :]).clamp(max=max_len - 1)
+        keys, values = k_cache[:, slots].float(), v_cache[:, slots].float()  # [nkv, R, W, d]
+    visible = (slots >= first) & (slots <= last)  # [R, S or W]
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) / math.sqrt(head_dim)  # [nkv, R, group, S or W]
+    scores = scores.masked_fill(~visible[None, :, None, :], float("-inf"))
+    o = torch.matmul(scores.softmax(dim=-1), values)  # [nkv, R, group, d]
+    o = o.transpose(0, 1).reshape(rows, num_heads * head_dim).to(q.dtype)
     if out is not None:
         out.copy_(o)
         return out
@@ -47,9 +65,11 @@ def attention_ref(
 # One program owns BLOCK_R query rows of HEADS query heads that share one KV head; its tile of
 # BLOCK_M = BLOCK_R * HEADS_P "query rows" is (row, head) pairs, row-major, so one K/V block
 # load serves every head of the group (GQA grouping: the cache is read once per program, not
-# once per query head). It walks the KV cache in BLOCK_N slots up to the last slot its last
-# row can see, pos + min(R, row block end) - 1, with pos loaded on the device: the grid depends
-# on R only, so a launch is CUDA-graph capturable for a fixed R and any pos.
+# once per query head). The grid is (head programs, sequences, row blocks of the longest
+# sequence): a program's rows all belong to one sequence, hence to one cache region, and it
+# walks that region in BLOCK_N slots from its start to the last slot its last row can see.
+# Sequences, slots and positions are loaded on the device: the grid depends on the number of
+# sequences and the row bound only, so a launch is CUDA-graph capturable for any positions.
 #
 # Memory traffic: K and V are read once per program for slots 0..pos+R-1 (2 * nkv * (pos+R) * d
 # elements from HBM when HEADS = GROUP; with HEADS = 1 the other heads of a group re-read the same
@@ -69,8 +89,8 @@ def attention_ref(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr,
-    rows, max_len,
+    q_ptr, k_ptr, v_ptr, cache_rows_ptr, positions_ptr, seqs_ptr, out_ptr,
+    max_len,
     stride_qr, stride_qh, stride_qd,
     stride_kh, stride_ks, stride_kd,
     stride_vh, stride_vs, stride_vd,
@@ -88,20 +108,28 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr = BLOCK_R * HEADS_P
     CHUNKS: tl.constexpr = GROUP // HEADS
     pid_h = tl.program_id(0)  # kv_head * CHUNKS + chunk
-    pid_r = tl.program_id(1)
+    pid_b = tl.program_id(1)  # sequence
+    pid_r = tl.program_id(2)  # row block within the sequence
     kv_head = pid_h // CHUNKS
+    first_row = tl.load(seqs_ptr + 2 * pid_b)
+    seq_rows = tl.load(seqs_ptr + 2 * pid_b + 1)
 
     m = tl.arange(0, BLOCK_M)
-    row = pid_r * BLOCK_R + m // HEADS_P
+    local = pid_r * BLOCK_R + m // HEADS_P
+    row = first_row + local
     head = pid_h * HEADS + m % HEADS_P  # query head: kv_head * GROUP + chunk * HEADS + i
-    m_valid = (row < rows) & (m % HEADS_P < HEADS)
+    row_valid = local < seq_rows
+    m_valid = row_valid & (m % HEADS_P < HEADS)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
 
-    pos = tl.load(pos_ptr)  # int64 cache slot of query row 0
-    limit = pos + row  # the last slot each tile row sees (padding rows see a harmless prefix)
-    kv_end = pos + tl.minimum(rows, (pid_r + 1) * BLOCK_R)  # one past the last slot any row sees
-    kv_end = tl.minimum(kv_end, max_len)
+    last = tl.load(cache_rows_ptr + row, mask=row_valid, other=0)  # int64: the row's own slot
+    first = last - tl.load(positions_ptr + row, mask=row_valid, other=0)  # its region's start
+    start = tl.min(tl.where(row_valid, first, max_len), 0)  # one region per program
+    kv_end = tl.minimum(tl.max(tl.where(row_valid, last + 1, 0), 0), max_len)
+    # Padding rows (and whole padding programs, where kv_end <= start) see the region's first
+    # slot only: harmless, never stored.
+    limit = tl.where(row_valid, last, start)
 
     q = tl.load(q_ptr + row[:, None] * stride_qr + head[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
@@ -111,10 +139,10 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Slot 0 is in the first block and visible to every tile row, so m_i is finite after the
-    # first iteration and no row ever computes exp2(-inf - -inf).
-    for start in range(0, kv_end, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
+    # The region's first slot is in the first block and visible to every tile row, so m_i is
+    # finite after the first iteration and no row ever computes exp2(-inf - -inf).
+    for block in range(start, kv_end, BLOCK_N):
+        n = block + tl.arange(0, BLOCK_N)
         n_valid = n < kv_end
         k = tl.load(k_base + n[None, :] * stride_ks + d[:, None] * stride_kd,
                     mask=n_valid[None, :] & d_valid[:, None], other=0.0).to(tl.float32)  # [D, N]
@@ -137,17 +165,17 @@ def _attention_kernel(
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Up to this many rows, one program per query head (more programs, lower latency at decode and
-# for the MCTP steps' 11-14 rows); above it, one program per KV head and row block (each K/V
-# block serves the whole query-head group, for prefill).
+# Up to this many rows per sequence, one program per query head (more programs, lower latency at
+# decode and for the MCTP steps' 11-14 rows); above it, one program per KV head and row block
+# (each K/V block serves the whole query-head group, for prefill).
 _PER_HEAD_MAX_ROWS = 16
 
 
-def _launch_config(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                   heads_per_program: int | None = None) -> tuple[tuple[int, int], dict, dict]:
+def _launch_config(max_seq_rows: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype, heads_per_program: int | None = None) -> tuple[tuple[int, int, int], dict, dict]:
     """(grid, constexprs, launch options) for a problem; shared by the launcher and aot_variants()."""
     group = num_heads // num_kv_heads
-    heads = heads_per_program or (1 if rows <= _PER_HEAD_MAX_ROWS else group)
+    heads = heads_per_program or (1 if max_seq_rows <= _PER_HEAD_MAX_ROWS else group)
     if heads not in (1, group):
         raise ValueError(f"heads_per_program must be 1 or the group size {group}, got {heads}")
     heads_p = triton.next_power_of_2(heads)
@@ -164,11 +192,11 @@ def _launch_config(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, 
     constexprs = dict(GROUP=group, HEADS=heads, HEADS_P=heads_p, BLOCK_R=block_r, BLOCK_N=block_n,
                       HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION="ieee" if fp32 else "tf32")
     options = dict(num_warps=4 if heads == 1 and not fp32 else 8, num_stages=2)
-    grid = (num_kv_heads * (group // heads), triton.cdiv(rows, block_r))
+    grid = (num_kv_heads * (group // heads), num_seqs, triton.cdiv(max_seq_rows, block_r))
     return grid, constexprs, options
 
 
-def _check_args(q, k_cache, v_cache, pos, out) -> None:
+def _check_args(q, k_cache, v_cache, cache_rows, positions, seqs, out) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [R, nq, d], got shape {list(q.shape)}")
     if k_cache.dim() != 3:
@@ -182,55 +210,65 @@ def _check_args(q, k_cache, v_cache, pos, out) -> None:
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("pos", pos)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
     if cache_dim != head_dim:
         raise ValueError(f"k_cache has head_dim {cache_dim}, expected q's head_dim {head_dim}")
     if rows < 1:
         raise ValueError(f"q has {rows} rows, expected at least 1")
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"q has {num_heads} heads, expected a multiple of k_cache's {num_kv_heads} KV heads")
-    if rows > max_len:
-        raise ValueError(f"q has {rows} rows but the cache holds only {max_len} slots")
-    if pos.dtype != torch.int64 or pos.numel() != 1:
-        raise ValueError(f"pos must be an int64 tensor of one element, got {pos.dtype} of shape {list(pos.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+    for name, t in (("cache_rows", cache_rows), ("positions", positions)):
+        _tl.expect(name, t, [rows], torch.int64, q.device, contiguous=True)
+    if seqs is not None:
+        _tl.expect("seqs", seqs, ["B", 2], torch.int64, q.device, contiguous=True)
     if out is not None:
-        if out.shape != (rows, num_heads * head_dim):
-            raise ValueError(f"out has shape {list(out.shape)}, expected [{rows}, {num_heads * head_dim}]")
-        if out.dtype != q.dtype:
-            raise ValueError(f"out has dtype {out.dtype}, expected q's dtype {q.dtype}")
-        if out.device != q.device:
-            raise ValueError(f"out is on {out.device}, expected q's device {q.device}")
+        _tl.expect_out("out", out, [rows, num_heads * head_dim], q.dtype, q.device)
 
 
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    pos: torch.Tensor,
+    cache_rows: torch.Tensor,
+    positions: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
+    seqs: torch.Tensor | None = None,
+    max_seq_rows: int | None = None,
+    window: int | None = None,
     heads_per_program: int | None = None,
 ) -> torch.Tensor:
-    """o[r, h] = softmax(q[r, h] . K[g(h), :pos+r+1]^T / sqrt(d)) @ V[g(h), :pos+r+1] (Triton).
+    """o[r, h] = softmax(q[r, h] . K[g(h), a_r:c_r+1]^T / sqrt(d)) @ V[g(h), a_r:c_r+1], c_r =
+    cache_rows[r], a_r = c_r - positions[r] (Triton; = attention_ref).
 
-    q: [R, nq, d]; k_cache, v_cache: [nkv, S, d] holding rows 0..pos+R-1; pos: int64 tensor [1]
-    on q's device (read by the kernel, never synchronised on: the call is CUDA-graph capturable);
-    out: optional [R, nq * d] destination. Any strides are accepted. Returns [R, nq * d] in q's
-    dtype. `pos >= 0` and `pos + R <= S` are the caller's contract (checking them would need a
-    device sync); slots at or past S are never read.
+    q: [R, nq, d]; k_cache, v_cache: [nkv, S, d]; cache_rows, positions: int64 [R] on q's device
+    (read by the kernel, never synchronised on: the call is CUDA-graph capturable); out: optional
+    [R, nq * d] destination. Any strides are accepted for q and the caches. Returns [R, nq * d]
+    in q's dtype. seqs: int64 [B, 2] on the device, (first row, row count) of each sequence
+    (rows of a sequence contiguous and in one cache region; padding entries with 0 rows do
+    nothing); None: all R rows are one sequence. max_seq_rows: a bound on every sequence's row
+    count (the grid's third axis; default R). `window` is the reference's (the kernel walks each
+    region only as far as its rows see, whatever the bound). `0 <= a_r <= c_r < S` and consistent `seqs` are the
+    caller's contract (checking them would need a device sync); slots at or past S are never read.
     `heads_per_program` (1 or nq / nkv) overrides the launch policy; tests use it to cover both.
     """
-    _check_args(q, k_cache, v_cache, pos, out)
+    _check_args(q, k_cache, v_cache, cache_rows, positions, seqs, out)
     rows, num_heads, head_dim = q.shape
     num_kv_heads, max_len, _ = k_cache.shape
     if out is None:
         out = torch.empty((rows, num_heads * head_dim), dtype=q.dtype, device=q.device)
-    grid, constexprs, options = _launch_config(rows, num_heads, num_kv_heads, head_dim, q.dtype, heads_per_program)
+    if seqs is None:
+        seqs = torch.tensor([[0, rows]], dtype=torch.int64, device=q.device)
+    max_seq_rows = rows if max_seq_rows is None else max_seq_rows
+    if not isinstance(max_seq_rows, int) or max_seq_rows < 1:
+        raise ValueError(f"max_seq_rows must be a positive int, got {max_seq_rows!r}")
+    grid, constexprs, options = _launch_config(max_seq_rows, seqs.shape[0], num_heads, num_kv_heads, head_dim,
+                                               q.dtype, heads_per_program)
     _attention_kernel[grid](
-        q, k_cache, v_cache, pos, out,
-        rows, max_len,
+        q, k_cache, v_cache, cache_rows, positions, seqs, out,
+        max_len,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         math.log2(math.e) / math.sqrt(head_dim),
         **constexprs, **options,
@@ -246,9 +284,9 @@ def aot_variants() -> list[tuple]:
     variants = []
     for dtype, name in _TRITON_DTYPES.items():
         for rows in (1, 256):  # per-head tile (R <= 16) and grouped tile (prefill)
-            _, constexprs, options = _launch_config(rows, 28, 4, 128, dtype)
-            signature = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "v_ptr": f"*{name}", "pos_ptr": "*i64",
-                         "out_ptr": f"*{name}", "rows": "i32", "max_len": "i32"}
+            _, constexprs, options = _launch_config(rows, 1, 28, 4, 128, dtype)
+            signature = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "v_ptr": f"*{name}", "cache_rows_ptr": "*i64",
+                         "positions_ptr": "*i64", "seqs_ptr": "*i64", "out_ptr": f"*{name}", "max_len": "i32"}
             for stride in ("stride_qr", "stride_qh", "stride_qd", "stride_kh", "stride_ks", "stride_kd",
                            "stride_vh", "stride_vs", "stride_vd", "stride_or", "stride_oc"):
                 signature[stride] = "i32"
@@ -258,69 +296,36 @@ def aot_variants() -> list[tuple]:
     return variants
 
 
-# --------------------------------------------------------------------------------------------
-# Optional flash-attn implementation (the `flash` extra; never installed in CI).
-# --------------------------------------------------------------------------------------------
-try:
-    from flash_attn import flash_attn_with_kvcache as _flash_attn_with_kvcache
-except ImportError:  # not installed, or installed without a usable CUDA build
-    _flash_attn_with_kvcache = None
-
-
-def attention_flash(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    pos: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """attention_ref through flash-attn's `flash_attn_with_kvcache` (fp16/bf16, CUDA only).
-
-    Layout: flash-attn wants caches as [B, S, nkv, d] with a contiguous last dim; ours are
-    [nkv, S, d]. `k_cache.permute(1, 0, 2)[None]` is that layout as a strided view (row stride
-    d, head stride S * d); flash-attn 2 takes batch/row/head strides and asserts only
-    `stride(-1) == 1`, so no copy is made. (Not exercised in CI: flash-attn cannot be installed
-    without CUDA.) Causality: with cache_seqlens = pos + R and R query rows, flash-attn's causal
-    mask is aligned bottom-right, so row r sees slots 0..pos+r, as the reference. The int32
-    `cache_seqlens` is computed on the device from `pos` (no sync). flash-attn has no `out=`, so
-    the result is copied into `out` when one is given.
-    """
-    if _flash_attn_with_kvcache is None:
-        raise RuntimeError("attention_flash needs flash-attn (pip install vita-kernels[flash])")
-    _check_args(q, k_cache, v_cache, pos, out)
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.device.type != "cuda":
-        raise ValueError(f"attention_flash needs fp16/bf16 CUDA tensors, got q {q.dtype} on {q.device}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension for flash-attn, strides {t.stride()}")
-    rows, num_heads, head_dim = q.shape
-    cache_seqlens = (pos + rows).to(torch.int32)
-    o = _flash_attn_with_kvcache(q[None], k_cache.permute(1, 0, 2)[None], v_cache.permute(1, 0, 2)[None],
-                                 cache_seqlens=cache_seqlens, causal=True)
-    o = o.reshape(rows, num_heads * head_dim)
-    if out is not None:
-        out.copy_(o)
-        return out
-    return o
-
-
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
+    """One sequence at cache slot 0 or further in, and two sequences in separate cache regions."""
     cases = []
     d, nq, nkv = geom.head_dim, geom.num_heads, geom.num_kv_heads
+    size = torch.finfo(dtype).bits // 8
+
+    def ints(values):
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
     for rows in geom.rows:
         for pos in sorted({0, cache_position(geom, rows)}):
             kw = dict(q=randn((rows, nq, d), dtype, device, gen),
                       k_cache=randn((nkv, geom.cache_len, d), dtype, device, gen),
                       v_cache=randn((nkv, geom.cache_len, d), dtype, device, gen),
-                      pos=torch.tensor([pos], dtype=torch.int64, device=device))
-            size = torch.finfo(dtype).bits // 8
+                      cache_rows=ints(range(pos, pos + rows)), positions=ints(range(pos, pos + rows)))
             moved = size * (2 * nkv * (pos + rows) * d + 2 * rows * nq * d)
             cases.append(Case(f"R{rows}-pos{pos}", kw, bytes_moved=moved))
+    # Two sequences sharing one step: 3 rows at position 4 of the region at slot 20, then 1 row
+    # at position 9 of the region at slot 2 (regions in any order), with a padding entry.
+    rows_a, pos_a, start_a, pos_b, start_b = 3, 4, 20, 9, 2
+    kw = dict(q=randn((rows_a + 1, nq, d), dtype, device, gen),
+              k_cache=randn((nkv, geom.cache_len, d), dtype, device, gen),
+              v_cache=randn((nkv, geom.cache_len, d), dtype, device, gen),
+              cache_rows=ints([start_a + pos_a + i for i in range(rows_a)] + [start_b + pos_b]),
+              positions=ints([pos_a + i for i in range(rows_a)] + [pos_b]),
+              seqs=ints([[0, rows_a], [rows_a, 1], [rows_a + 1, 0]]), max_seq_rows=rows_a)
+    moved = size * (2 * nkv * (pos_a + rows_a + pos_b + 1) * d + 8 * nq * d)
+    cases.append(Case("2seq", kw, bytes_moved=moved))
+    cases.append(Case("2seq-window", {**kw, "window": 16}, bytes_moved=moved))
     return cases
 
 
-_IMPLS = {"triton": attention}
-if _flash_attn_with_kvcache is not None:
-    _IMPLS["flash"] = attention_flash
-
-SPEC = OpSpec("attention", attention_ref, _cases, impls=_IMPLS)
+SPEC = OpSpec("attention", attention_ref, _cases, impls={"triton": attention})

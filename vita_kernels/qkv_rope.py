@@ -35,19 +35,22 @@ def qkv_rope_cache_ref(
     sin_table: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    pos: torch.Tensor,
+    cache_rows: torch.Tensor,
+    positions: torch.Tensor,
     rope_offset: int,
     num_heads: int,
     num_kv_heads: int,
     eps: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q, k, v = split(rmsnorm(x) @ W_qkv^T + b); q, k = rope(q, k); cache[pos + r] = k, v.
+    """q, k, v = split(rmsnorm(x) @ W_qkv^T + b); q, k = rope(q, k); cache[cache_rows[r]] = k, v.
 
     x: [R, H]; norm_weight: [H]; w_qkv: [(nq + 2 nkv) d, H] (q rows, then k, then v);
     b_qkv: [(nq + 2 nkv) d]; cos/sin_table: [P, d/2] fp32; k_cache, v_cache: [nkv, S, d]
-    (written in place at slots pos..pos+R-1); pos: int64 tensor [1] on the device, the cache
-    slot of row 0; the RoPE position of row r is pos + r + rope_offset. Returns q: [R, nq, d].
+    (written in place at slots cache_rows[r]); cache_rows, positions: int64 [R] on the device:
+    row r's cache slot and its position in its own sequence (rows of several sequences may share
+    a step, each sequence owning a region of the cache); the RoPE position of row r is
+    positions[r] + rope_offset. Returns q: [R, nq, d].
     RoPE follows Qwen2: cos/sin cast to the dtype, `q * cos + rotate_half(q) * sin` in dtype.
     """
     rows = x.shape[0]
@@ -58,8 +61,8 @@ def qkv_rope_cache_ref(
     q = q.view(rows, num_heads, head_dim)
     k = k.view(rows, num_kv_heads, head_dim)
     v = v.view(rows, num_kv_heads, head_dim)
-    slots = pos.reshape(1) + torch.arange(rows, device=x.device)
-    rope_pos = slots + rope_offset
+    slots = cache_rows.reshape(rows)
+    rope_pos = positions.reshape(rows) + rope_offset
     cos = cos_table.index_select(0, rope_pos).repeat(1, 2).to(x.dtype)[:, None, :]
     sin = sin_table.index_select(0, rope_pos).repeat(1, 2).to(x.dtype)[:, None, :]
     q = q * cos + _rotate_half(q) * sin
@@ -73,8 +76,8 @@ def qkv_rope_cache_ref(
 
 
 @triton.jit
-def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, pos_ptr,
-                           q_ptr, R, rope_offset, num_positions, cache_len, eps, stride_xr, stride_qr,
+def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+                           cache_rows_ptr, positions_ptr, q_ptr, R, rope_offset, num_positions, cache_len, eps, stride_xr, stride_qr,
                            stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
                            H: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
                            NUM_KV_HEADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -85,8 +88,8 @@ def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_
     rotated: cos = 1, sin = 0 leaves them exact).
 
     Traffic: W_qkv and the bias once (the floor), x from L2, R * nq * d q outputs and R * nkv * d
-    per cache written straight into slots pos..pos+R-1: k and v never make a round trip.
-    `pos` is read on the device, so a captured graph replays at any position.
+    per cache written straight into slots cache_rows[r]: k and v never make a round trip.
+    Slots and positions are read on the device, so a captured graph replays at any position.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     CHUNKS: tl.constexpr = (HALF + BLOCK_H - 1) // BLOCK_H
@@ -110,8 +113,8 @@ def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_
     lo = _tl.round_to(acc_lo + tl.load(b_ptr + n_lo, mask=col_mask, other=0.0).to(tl.float32)[None, :], dtype)
     hi = _tl.round_to(acc_hi + tl.load(b_ptr + n_hi, mask=col_mask, other=0.0).to(tl.float32)[None, :], dtype)
 
-    slots = tl.load(pos_ptr) + rows  # int64 cache slots of the rows
-    rope_pos = slots + rope_offset
+    slots = tl.load(cache_rows_ptr + rows, mask=row_mask, other=0)  # int64 cache slots of the rows
+    rope_pos = tl.load(positions_ptr + rows, mask=row_mask, other=0) + rope_offset
     mask = (row_mask & (rope_pos < num_positions))[:, None] & col_mask[None, :]
     cos = _tl.round_to(tl.load(cos_ptr + rope_pos[:, None] * HALF + col[None, :], mask=mask, other=1.0), dtype)
     sin = _tl.round_to(tl.load(sin_ptr + rope_pos[:, None] * HALF + col[None, :], mask=mask, other=0.0), dtype)
@@ -160,20 +163,21 @@ def qkv_rope_cache(
     sin_table: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    pos: torch.Tensor,
+    cache_rows: torch.Tensor,
+    positions: torch.Tensor,
     rope_offset: int,
     num_heads: int,
     num_kv_heads: int,
     eps: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q, k, v = split(rmsnorm(x) @ W_qkv^T + b); q, k = rope(q, k); cache[pos + r] = k, v: one Triton GEMV.
+    """q, k, v = split(rmsnorm(x) @ W_qkv^T + b); q, k = rope(q, k); cache[cache_rows[r]] = k, v: one Triton GEMV.
 
     Same contract as qkv_rope_cache_ref. x: [R, H]; norm_weight: [H]; w_qkv: [(nq + 2 nkv) d, H]
     contiguous; b_qkv: [(nq + 2 nkv) d]; cos/sin_table: [P, d/2] fp32 contiguous; k_cache,
-    v_cache: [nkv, S, d] (unit last stride), written in place at slots pos..pos+R-1 only (slots
-    at or past S and positions at or past P are not written / read: pos is never brought to the
-    host); pos: int64 [1] on the device. Returns q: [R, nq, d]. Grid at 7B (36 heads x 64 pairs):
+    v_cache: [nkv, S, d] (unit last stride), written in place at slots cache_rows[r] only (slots
+    at or past S and positions at or past P are not written / read: neither is brought to the
+    host); cache_rows, positions: int64 [R] on the device. Returns q: [R, nq, d]. Grid at 7B (36 heads x 64 pairs):
     4-pair blocks (576 programs) at R <= 4, 16 with tl.dot beyond (144).
     """
     dtype = _tl.model_dtype("x", x)
@@ -202,7 +206,8 @@ def qkv_rope_cache(
     _tl.expect("b_qkv", b_qkv, [n], dtype, dev, contiguous=True)
     _tl.expect("cos_table", cos_table, ["P", head_dim // 2], torch.float32, dev, contiguous=True)
     _tl.expect("sin_table", sin_table, [cos_table.shape[0], head_dim // 2], torch.float32, dev, contiguous=True)
-    _tl.expect("pos", pos, [1], torch.int64, dev)
+    _tl.expect("cache_rows", cache_rows, [rows], torch.int64, dev, contiguous=True)
+    _tl.expect("positions", positions, [rows], torch.int64, dev, contiguous=True)
     if out is None:
         out = torch.empty((rows, num_heads, head_dim), dtype=dtype, device=dev)
     else:
@@ -213,7 +218,8 @@ def qkv_rope_cache(
     cfg = _config(dev.type, rows, hidden, head_dim, num_heads, num_kv_heads)
     chunks = triton.cdiv(head_dim // 2, cfg["BLOCK_H"])
     grid = ((num_heads + 2 * num_kv_heads) * chunks, triton.cdiv(rows, cfg["BLOCK_R"]))
-    _qkv_rope_cache_kernel[grid](x, norm_weight, w_qkv, b_qkv, cos_table, sin_table, k_cache, v_cache, pos, out,
+    _qkv_rope_cache_kernel[grid](x, norm_weight, w_qkv, b_qkv, cos_table, sin_table, k_cache, v_cache, cache_rows,
+                                 positions, out,
                                  rows, rope_offset, cos_table.shape[0], cache_len, float(eps), x.stride(0),
                                  out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
                                  v_cache.stride(0), v_cache.stride(1), num_warps=_tl.NUM_WARPS, **cfg)
@@ -226,7 +232,7 @@ def aot_variants() -> list[tuple]:
     return _tl.aot_row_variants(
         _qkv_rope_cache_kernel,
         lambda p: dict(x_ptr=p, norm_w_ptr=p, w_ptr=p, b_ptr=p, cos_ptr="*fp32", sin_ptr="*fp32", k_cache_ptr=p,
-                       v_cache_ptr=p, pos_ptr="*i64", q_ptr=p, eps="fp32"),
+                       v_cache_ptr=p, cache_rows_ptr="*i64", positions_ptr="*i64", q_ptr=p, eps="fp32"),
         lambda rows: _config("cuda", rows, geom.hidden, geom.head_dim, geom.num_heads, geom.num_kv_heads))
 
 
@@ -243,7 +249,9 @@ def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
                       cos_table=cos, sin_table=sin,
                       k_cache=randn((nkv, geom.cache_len, d), dtype, device, gen),
                       v_cache=randn((nkv, geom.cache_len, d), dtype, device, gen),
-                      pos=torch.tensor([pos], dtype=torch.int64, device=device), rope_offset=rope_offset,
+                      cache_rows=torch.arange(pos, pos + rows, dtype=torch.int64, device=device),
+                      positions=torch.arange(pos, pos + rows, dtype=torch.int64, device=device) - 2,
+                      rope_offset=rope_offset,
                       num_heads=nq, num_kv_heads=nkv, eps=geom.eps)
             size = torch.finfo(dtype).bits // 8
             moved = size * (n * h + n + rows * h + h + rows * n) + 4 * rows * d
