@@ -138,6 +138,7 @@ def test_sampling_defaults_come_from_generation_config():
 
 
 def test_memory_report_counts_the_static_buffers(engine):
+    engine.generate([1, 2, 3], max_new_tokens=3)  # creates the step workspaces
     report = engine.memory_report()
     h, s = CFG.hidden_size, 64 * (engine.max_batch + 1)  # a region per slot, plus the scratch region
     assert report["kv_cache"] == 2 * CFG.num_layers_total * CFG.num_key_value_heads * s * CFG.head_dim * 4
