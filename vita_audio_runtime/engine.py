@@ -19,7 +19,7 @@ from vita_audio_runtime.checkpoint import check_tensors, expected_tensor_shapes,
 from vita_audio_runtime.config import PRESETS, GenerationDefaults, SpecialTokens, VitaConfig
 from vita_audio_runtime.model import VitaModel
 from vita_audio_runtime.request import (AudioChunk, EngineClosedError, GenerationResult, QueueFullError, Request,
-                                        RequestParams, Token)
+                                        RequestParams, RequestState, Token)
 from vita_audio_runtime.runner import DecodeRunner
 from vita_audio_runtime.scheduler import Scheduler, SlotState
 from vita_audio_runtime.schedule import Mode
@@ -149,7 +149,7 @@ class Engine:
         QueueFullError when every slot is busy and max_queue requests already wait."""
         params = self.request_params(prompt_ids, mode, max_new_tokens, do_sample, temperature, top_k, top_p,
                                      repetition_penalty, seed, ignore_eos)
-        request = Request(next(self._ids), params, self.special, self.cfg.num_mtp_modules)
+        state = RequestState(next(self._ids), params, self.special, self.cfg.num_mtp_modules)
         with self._lock:
             if self._closed is not None:
                 raise EngineClosedError(f"the engine is closed: {self._closed}")
@@ -158,12 +158,12 @@ class Engine:
             if len(sched.waiting) >= free_slots + self.max_queue:
                 raise QueueFullError(f"all {self.max_batch} slots are busy and {len(sched.waiting)} requests wait "
                                      f"(max_queue {self.max_queue}): retry later")
-            sched.waiting.append(request)
+            sched.waiting.append(state)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="vita-audio-engine", daemon=True)
                 self._worker.start()
             self._lock.notify_all()
-        return request
+        return Request(state)
 
     def generate(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
                  temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed: int = 0,

@@ -114,10 +114,9 @@ class RequestParams:
 _DONE = object()  # end-of-events marker in a request's event queue
 
 
-class Request:
-    """One generation: iterate it for Token / AudioChunk events as they are produced (from any
-    thread), `result()` for the GenerationResult, `cancel()` to stop it at the next step
-    boundary. Abandoning a request without cancelling it lets it run to its end."""
+class RequestState:
+    """The engine's side of one generation: what the worker produces into and callers read
+    from. Callers hold it through a `Request` handle."""
 
     def __init__(self, request_id: int, params: RequestParams, special: SpecialTokens, num_mtp_modules: int):
         self.id = request_id
@@ -154,7 +153,7 @@ class Request:
             raise self.error
 
     def result(self, timeout: float | None = None) -> GenerationResult:
-        """Wait for the end (EOS, length or cancellation) and return the whole result."""
+        """Wait for the end (EOS, length, cancellation) and return the whole result."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         if self.error is not None:
@@ -223,3 +222,51 @@ class Request:
             self.timings["decode_tokens_per_s"] = (len(self.tokens) - 1) / max(total - ttft, 1e-9)
         self._events.put(_DONE)
         self._done.set()
+
+
+class Request:
+    """One generation, as returned by `Engine.submit`: iterate it for Token / AudioChunk events
+    as they are produced (from any thread, once), `result()` for the GenerationResult,
+    `cancel()` to stop it at the next step boundary. A request dropped by its caller before it
+    finished (no reference left to it or to its event iterator) is cancelled the same way, so
+    an abandoned request never holds a slot."""
+
+    def __init__(self, state: RequestState):
+        self._state = state
+
+    @property
+    def id(self) -> int:
+        return self._state.id
+
+    @property
+    def params(self) -> RequestParams:
+        return self._state.params
+
+    @property
+    def done(self) -> bool:
+        return self._state.done
+
+    @property
+    def cancelled(self) -> bool:
+        return self._state.cancelled
+
+    @property
+    def timings(self) -> dict[str, float | None]:
+        return dict(self._state.timings)
+
+    def __iter__(self) -> Iterator[Token | AudioChunk]:
+        yield from self._state  # the generator keeps this handle (and so the request) alive
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        return self._state.result(timeout)
+
+    def cancel(self) -> None:
+        self._state.cancel()
+
+    def __del__(self) -> None:
+        if not self._state.done:
+            self._state.cancel()
+
+    def __repr__(self) -> str:
+        status = "done" if self.done else "cancelled" if self.cancelled else "running"
+        return f"Request(id={self.id}, {status}, {len(self._state.tokens)} tokens)"

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
-from vita_audio_runtime.request import Request
+from vita_audio_runtime.request import RequestState
 from vita_audio_runtime.schedule import LLM, Step, steps
 
 
@@ -31,7 +31,7 @@ class Span:
 class SlotState:
     """A running request's place in its schedule: tokens so far and rows each path has seen."""
 
-    def __init__(self, request: Request, slot: int, num_modules: int, prefill_chunk: int):
+    def __init__(self, request: RequestState, slot: int, num_modules: int, prefill_chunk: int):
         p = request.params
         self.request, self.slot = request, slot
         self.prefill_chunk = prefill_chunk
@@ -80,7 +80,7 @@ class Scheduler:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.max_batch, self.max_queue = max_batch, max_queue
         self.num_modules, self.prefill_chunk = num_modules, prefill_chunk
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[RequestState] = deque()
         self.running: dict[int, SlotState] = {}  # slot -> state
 
     @property
