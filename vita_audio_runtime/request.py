@@ -131,6 +131,7 @@ class RequestState:
         self.tokens: list[int] = []
         self.producers: list[int] = []
         self.audio_chunks: list[AudioChunk] = []
+        self.token_times: list[float] = []  # seconds from the slot's start to each id's host read
         self.stop_reason: str | None = None
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
@@ -183,6 +184,7 @@ class RequestState:
         now = time.perf_counter() - self.started
         self.tokens.append(token)
         self.producers.append(producer)
+        self.token_times.append(now)
         if self.timings["ttft_s"] is None:
             self.timings["ttft_s"] = now
         if len(self.tokens) == self._first_chunk_tokens:
@@ -253,6 +255,11 @@ class Request:
     @property
     def timings(self) -> dict[str, float | None]:
         return dict(self._state.timings)
+
+    @property
+    def token_times(self) -> list[float]:
+        """Seconds from the request's start (its slot) to the host read of each new id."""
+        return list(self._state.token_times)
 
     def __iter__(self) -> Iterator[Token | AudioChunk]:
         yield from self._state  # the generator keeps this handle (and so the request) alive
