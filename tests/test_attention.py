@@ -190,3 +190,33 @@ def test_cuda_graph_capture_reads_positions_on_the_device(gen):
         truth = attention_ref(q.float(), k.float(), v.float(), cache_rows, positions)
         base_err = (attention_ref(q, k, v, cache_rows, positions).float() - truth).abs().max().item()
         assert (out.float() - truth).abs().max().item() <= 2 * base_err + 1e-5
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5], ids=lambda s: f"{s}splits")
+@pytest.mark.parametrize("rows, pos", [(1, 0), (1, 70), (11, 40), (20, 3)], ids=lambda x: str(x))
+def test_split_kv_walks_equal_one_walk(gen, splits, rows, pos):
+    """Splits holding no visible slot (a row at position 0, splits past the end) included, and
+    a split result is reproducible bit for bit."""
+    q, k, v = _inputs(gen, rows, 6, 2, 16, 100)
+    pos_t = _pos(pos, rows)
+    o = attention(q, k, v, *pos_t, window=pos + rows, kv_splits=splits)
+    _assert_matches_ref(o, q, k, v, pos_t)
+    assert torch.equal(o, attention(q, k, v, *pos_t, window=pos + rows, kv_splits=splits))
+
+
+def test_split_policy_at_7b():
+    """Decode and MCTP steps at 7B with a 512-slot bound split into >= 132 programs; a batch
+    that already fills the GPU, or a short bound, does not split."""
+    for rows in (1, 11, 14):
+        grid, cfg, opts = attn_mod._launch_config(rows, 1, 28, 4, 128, torch.bfloat16, window=512)
+        assert cfg["SPLITS"] == 5 and grid[0] * grid[1] * grid[2] >= 132
+        assert opts["split_len"] * cfg["SPLITS"] >= 512 and opts["split_len"] % cfg["BLOCK_N"] == 0
+    assert attn_mod._launch_config(1, 8, 28, 4, 128, torch.bfloat16, window=512)[1]["SPLITS"] == 1
+    assert attn_mod._launch_config(1, 1, 28, 4, 128, torch.bfloat16, window=256)[1]["SPLITS"] == 1
+
+
+def test_window_reference_equals_whole_cache_reference(gen):
+    q, k, v = _inputs(gen, 5, 6, 2, 16, 64)
+    pos = _pos(30, 5, start=10)
+    torch.testing.assert_close(attention_ref(q, k, v, *pos, window=35), attention_ref(q, k, v, *pos), atol=1e-6,
+                               rtol=1e-6)

@@ -22,6 +22,7 @@ def attention_ref(
     seqs: torch.Tensor | None = None,
     max_seq_rows: int | None = None,
     window: int | None = None,
+    kv_splits: int | None = None,
 ) -> torch.Tensor:
     """o[r, h] = softmax(q[r, h] . K[g(h), a_r:c_r+1]^T / sqrt(d)) @ V[g(h), a_r:c_r+1], in fp32,
     with c_r = cache_rows[r] and a_r = c_r - positions[r].
@@ -32,7 +33,8 @@ def attention_ref(
     slots a_r..c_r, causally); g(h) = h // (nq / nkv). Returns [R, nq * d] in q's dtype. Slots
     outside a_r..c_r are masked, never read as data. `seqs` ([B, 2] int64: first row and row
     count of each sequence, rows of a sequence contiguous) and `max_seq_rows` (a bound on the
-    row counts) only shape the fused kernel's grid; the reference reads rows individually.
+    row counts) and `kv_splits` only shape the fused kernel's launch; the reference reads rows
+    individually.
     `window`: a static bound on positions[r] + 1; when given, each row reads only the `window`
     slots from its region's start (a gather), instead of scoring the whole cache.
     """
@@ -89,8 +91,8 @@ def attention_ref(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, cache_rows_ptr, positions_ptr, seqs_ptr, out_ptr,
-    max_len,
+    q_ptr, k_ptr, v_ptr, cache_rows_ptr, positions_ptr, seqs_ptr, out_ptr, part_ptr,
+    max_len, rows, num_q_heads, split_len,
     stride_qr, stride_qh, stride_qd,
     stride_kh, stride_ks, stride_kd,
     stride_vh, stride_vs, stride_vd,
@@ -104,10 +106,12 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs, "tf32" otherwise
+    SPLITS: tl.constexpr,  # KV splits: 1 writes `out`; more write partials for _combine_kernel
 ):
     BLOCK_M: tl.constexpr = BLOCK_R * HEADS_P
     CHUNKS: tl.constexpr = GROUP // HEADS
-    pid_h = tl.program_id(0)  # kv_head * CHUNKS + chunk
+    pid_h = tl.program_id(0) // SPLITS  # kv_head * CHUNKS + chunk
+    split = tl.program_id(0) % SPLITS
     pid_b = tl.program_id(1)  # sequence
     pid_r = tl.program_id(2)  # row block within the sequence
     kv_head = pid_h // CHUNKS
@@ -139,17 +143,23 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # The region's first slot is in the first block and visible to every tile row, so m_i is
-    # finite after the first iteration and no row ever computes exp2(-inf - -inf).
-    for block in range(start, kv_end, BLOCK_N):
+    # Split `split` walks slots [lo, hi) of the region (all of it when SPLITS = 1).
+    lo = start + split * split_len
+    hi = tl.minimum(kv_end, lo + split_len) if SPLITS > 1 else kv_end
+    # Without splits the region's first slot is in the first block and visible to every tile
+    # row, so m_i is finite after the first iteration and no row computes exp2(-inf - -inf). A
+    # split may hold no slot a row sees: there the row's maximum stays -inf and is read as 0.
+    for block in range(lo, hi, BLOCK_N):
         n = block + tl.arange(0, BLOCK_N)
-        n_valid = n < kv_end
+        n_valid = n < hi
         k = tl.load(k_base + n[None, :] * stride_ks + d[:, None] * stride_kd,
                     mask=n_valid[None, :] & d_valid[:, None], other=0.0).to(tl.float32)  # [D, N]
         # Scaled after the dot, not folded into q: q stays exact in TF32 (see Numerics above).
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N]
         s = tl.where((n[None, :] <= limit[:, None]) & n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if SPLITS > 1:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -158,10 +168,38 @@ def _attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m_i = m_new
 
-    # Rounded to nearest even through _tl.round_to: the CPU interpreter's own cast truncates.
-    o = _tl.round_to(acc / l_i[:, None], out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row[:, None] * stride_or + (head[:, None] * HEAD_DIM + d[None, :]) * stride_oc,
-             o, mask=m_valid[:, None] & d_valid[None, :])
+    if SPLITS == 1:
+        # Rounded to nearest even through _tl.round_to: the CPU interpreter's own cast truncates.
+        o = _tl.round_to(acc / l_i[:, None], out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row[:, None] * stride_or + (head[:, None] * HEAD_DIM + d[None, :]) * stride_oc,
+                 o, mask=m_valid[:, None] & d_valid[None, :])
+    else:
+        # Partials [SPLITS, rows, nq, HEAD_DIM + 2]: the unnormalised output, then max and sum.
+        at = part_ptr + ((split * rows + row.to(tl.int64)) * num_q_heads + head) * (HEAD_DIM + 2)  # [BLOCK_M]
+        tl.store(at[:, None] + d[None, :], acc, mask=m_valid[:, None] & d_valid[None, :])
+        tl.store(at + HEAD_DIM, m_i, mask=m_valid)
+        tl.store(at + HEAD_DIM + 1, l_i, mask=m_valid)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, out_ptr, rows, num_q_heads, stride_or, stride_oc,
+                    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r, h] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the KV splits, m = max_s m_s:
+    one program per (row, query head), the splits summed in a fixed order (deterministic)."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_P)
+    d = tl.arange(0, BLOCK_D)
+    s_valid = sp < SPLITS
+    at = part_ptr + ((sp.to(tl.int64) * rows + r) * num_q_heads + h) * (HEAD_DIM + 2)
+    m_s = tl.load(at + HEAD_DIM, mask=s_valid, other=float("-inf"))
+    l_s = tl.load(at + HEAD_DIM + 1, mask=s_valid, other=0.0)
+    acc = tl.load(at[:, None] + d[None, :], mask=s_valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    m = tl.max(m_s, 0)
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))
+    o = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l_s, 0)
+    o = _tl.round_to(o, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + r * stride_or + (h * HEAD_DIM + d) * stride_oc, o, mask=d < HEAD_DIM)
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -169,11 +207,26 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # decode and for the MCTP steps' 11-14 rows); above it, one program per KV head and row block
 # (each K/V block serves the whole query-head group, for prefill).
 _PER_HEAD_MAX_ROWS = 16
+# KV splits only pay where a sequence can be this long: shorter walks are latency-bound already.
+_SPLIT_MIN_SLOTS = 512
+_MAX_SPLITS = 16
+# Programs a split launch aims for: one per SM of a 132-SM H100/H200 (each walks >= 64 slots);
+# on the CPU interpreter a few, enough to run every split path.
+_SPLIT_TARGET_PROGRAMS = {"cuda": 132, "cpu": 4}
 
 
 def _launch_config(max_seq_rows: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                   dtype: torch.dtype, heads_per_program: int | None = None) -> tuple[tuple[int, int, int], dict, dict]:
-    """(grid, constexprs, launch options) for a problem; shared by the launcher and aot_variants()."""
+                   dtype: torch.dtype, heads_per_program: int | None = None, window: int | None = None,
+                   device_type: str = "cuda", kv_splits: int | None = None) -> tuple[tuple[int, int, int], dict, dict]:
+    """(grid, constexprs, launch options) for a problem; shared by the launcher and aot_variants().
+
+    KV splits (flash-decoding): where the grid has fewer programs than TARGET_PROGRAMS and the
+    static bound on the sequence length (`window`) holds at least _SPLIT_MIN_SLOTS slots, each
+    program's region is cut into SPLITS ranges of `split_len` slots (a multiple of BLOCK_N),
+    run by separate programs, and a second, tiny kernel merges their partials in a fixed order.
+    At 7B decode (28 per-head programs) with a 512-slot bound: 5 splits of 128 slots, 140
+    programs for 132 SMs, where one program per head would keep 21% of the SMs busy.
+    """
     group = num_heads // num_kv_heads
     heads = heads_per_program or (1 if max_seq_rows <= _PER_HEAD_MAX_ROWS else group)
     if heads not in (1, group):
@@ -189,10 +242,18 @@ def _launch_config(max_seq_rows: int, num_seqs: int, num_heads: int, num_kv_head
     # fp32 dots (fp32 inputs) are FMA loops and need 16-slot blocks and 8 warps (98 / 142).
     fp32 = dtype == torch.float32
     block_n = 16 if fp32 or block_d > 128 else 32
+    programs = num_kv_heads * (group // heads) * num_seqs * triton.cdiv(max_seq_rows, block_r)
+    splits = 1
+    if kv_splits is not None:
+        splits = kv_splits
+    elif heads == 1 and window is not None and window >= _SPLIT_MIN_SLOTS:  # decode and MCTP steps
+        splits = min(triton.cdiv(_SPLIT_TARGET_PROGRAMS[device_type], programs), triton.cdiv(window, 2 * block_n))
+    splits = max(1, min(splits, _MAX_SPLITS))
+    split_len = triton.cdiv(triton.cdiv(window or 1, splits), block_n) * block_n if splits > 1 else 0
     constexprs = dict(GROUP=group, HEADS=heads, HEADS_P=heads_p, BLOCK_R=block_r, BLOCK_N=block_n,
-                      HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION="ieee" if fp32 else "tf32")
-    options = dict(num_warps=4 if heads == 1 and not fp32 else 8, num_stages=2)
-    grid = (num_kv_heads * (group // heads), num_seqs, triton.cdiv(max_seq_rows, block_r))
+                      HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION="ieee" if fp32 else "tf32", SPLITS=splits)
+    options = dict(num_warps=4 if heads == 1 and not fp32 else 8, num_stages=2, split_len=split_len)
+    grid = (num_kv_heads * (group // heads) * splits, num_seqs, triton.cdiv(max_seq_rows, block_r))
     return grid, constexprs, options
 
 
@@ -239,6 +300,7 @@ def attention(
     max_seq_rows: int | None = None,
     window: int | None = None,
     heads_per_program: int | None = None,
+    kv_splits: int | None = None,
 ) -> torch.Tensor:
     """o[r, h] = softmax(q[r, h] . K[g(h), a_r:c_r+1]^T / sqrt(d)) @ V[g(h), a_r:c_r+1], c_r =
     cache_rows[r], a_r = c_r - positions[r] (Triton; = attention_ref).
@@ -249,10 +311,12 @@ def attention(
     in q's dtype. seqs: int64 [B, 2] on the device, (first row, row count) of each sequence
     (rows of a sequence contiguous and in one cache region; padding entries with 0 rows do
     nothing); None: all R rows are one sequence. max_seq_rows: a bound on every sequence's row
-    count (the grid's third axis; default R). `window` is the reference's (the kernel walks each
-    region only as far as its rows see, whatever the bound). `0 <= a_r <= c_r < S` and consistent `seqs` are the
+    count (the grid's third axis; default R). `window`: the static bound on positions + 1; the
+    kernel walks each region only as far as its rows see, and uses the bound to decide whether to
+    split the walk over several programs (see `_launch_config`; `kv_splits` forces a count). `0 <= a_r <= c_r < S` and consistent `seqs` are the
     caller's contract (checking them would need a device sync); slots at or past S are never read.
     `heads_per_program` (1 or nq / nkv) overrides the launch policy; tests use it to cover both.
+    Launches: 1, or 2 where the KV walk is split.
     """
     _check_args(q, k_cache, v_cache, cache_rows, positions, seqs, out)
     rows, num_heads, head_dim = q.shape
@@ -264,15 +328,28 @@ def attention(
     max_seq_rows = rows if max_seq_rows is None else max_seq_rows
     if not isinstance(max_seq_rows, int) or max_seq_rows < 1:
         raise ValueError(f"max_seq_rows must be a positive int, got {max_seq_rows!r}")
+    if kv_splits is not None and (not isinstance(kv_splits, int) or not 1 <= kv_splits <= _MAX_SPLITS):
+        raise ValueError(f"kv_splits must be an int in [1, {_MAX_SPLITS}], got {kv_splits!r}")
+    bound = min(window, max_len) if window is not None else max_len
     grid, constexprs, options = _launch_config(max_seq_rows, seqs.shape[0], num_heads, num_kv_heads, head_dim,
-                                               q.dtype, heads_per_program)
+                                               q.dtype, heads_per_program, bound, q.device.type, kv_splits)
+    split_len = options.pop("split_len")
+    splits = constexprs["SPLITS"]
+    # Partials of a split launch: [SPLITS, R, nq, d + 2] fp32 (d outputs, max, sum): at 7B decode
+    # 5 x 28 x 130 x 4 B = 73 KB, read back once by the combine.
+    part = out if splits == 1 else torch.empty((splits, rows, num_heads, head_dim + 2), dtype=torch.float32,
+                                               device=q.device)
     _attention_kernel[grid](
-        q, k_cache, v_cache, cache_rows, positions, seqs, out,
-        max_len,
+        q, k_cache, v_cache, cache_rows, positions, seqs, out, part,
+        max_len, rows, num_heads, split_len,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         math.log2(math.e) / math.sqrt(head_dim),
         **constexprs, **options,
     )
+    if splits > 1:
+        _combine_kernel[(rows, num_heads)](part, out, rows, num_heads, *out.stride(), SPLITS=splits,
+                                           SPLITS_P=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+                                           BLOCK_D=constexprs["BLOCK_D"], num_warps=1)
     return out
 
 
@@ -280,19 +357,26 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: 
 
 
 def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs, options) for the 7B launches: decode/MCTP and prefill, each dtype."""
+    """(kernel, signature, constexprs, options) for the 7B launches: decode/MCTP (512-slot bound,
+    split) and prefill, each dtype, and the split combine."""
     variants = []
     for dtype, name in _TRITON_DTYPES.items():
         for rows in (1, 256):  # per-head tile (R <= 16) and grouped tile (prefill)
-            _, constexprs, options = _launch_config(rows, 1, 28, 4, 128, dtype)
+            _, constexprs, options = _launch_config(rows, 1, 28, 4, 128, dtype, window=512)
+            options.pop("split_len")
             signature = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "v_ptr": f"*{name}", "cache_rows_ptr": "*i64",
-                         "positions_ptr": "*i64", "seqs_ptr": "*i64", "out_ptr": f"*{name}", "max_len": "i32"}
+                         "positions_ptr": "*i64", "seqs_ptr": "*i64", "out_ptr": f"*{name}", "part_ptr": "*fp32",
+                         "max_len": "i32", "rows": "i32", "num_q_heads": "i32", "split_len": "i32"}
             for stride in ("stride_qr", "stride_qh", "stride_qd", "stride_kh", "stride_ks", "stride_kd",
                            "stride_vh", "stride_vs", "stride_vd", "stride_or", "stride_oc"):
                 signature[stride] = "i32"
             signature["qk_scale"] = "fp32"
             signature.update({k: "constexpr" for k in constexprs})
             variants.append((_attention_kernel, signature, constexprs, options))
+        combine = dict(SPLITS=5, SPLITS_P=8, HEAD_DIM=128, BLOCK_D=128)
+        signature = {"part_ptr": "*fp32", "out_ptr": f"*{name}", "rows": "i32", "num_q_heads": "i32",
+                     "stride_or": "i32", "stride_oc": "i32", **{k: "constexpr" for k in combine}}
+        variants.append((_combine_kernel, signature, combine, dict(num_warps=1)))
     return variants
 
 
@@ -325,6 +409,7 @@ def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
     moved = size * (2 * nkv * (pos_a + rows_a + pos_b + 1) * d + 8 * nq * d)
     cases.append(Case("2seq", kw, bytes_moved=moved))
     cases.append(Case("2seq-window", {**kw, "window": 16}, bytes_moved=moved))
+    cases.append(Case("2seq-3splits", {**kw, "window": 16, "kv_splits": 3}, bytes_moved=moved))
     return cases
 
 
