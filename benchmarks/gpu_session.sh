@@ -17,7 +17,7 @@
 # The whole run stays under SESSION_BUDGET_S (default 520 s: one device call of at most 9 min,
 # packing included). A stage's limit is min(its cap, time left - what later stages are owed).
 #
-# $OUT ends with exactly two files (the device returns at most 8, two folders deep):
+# Exit status 0 only when every stage that ran passed. $OUT ends with exactly two files (the device returns at most 8, two folders deep):
 #   $OUT/summary.txt          every stage's exit status and time, and the key numbers
 #   $OUT/gpu-session.tar.gz   logs/<stage>.log, results/ (smoke.json, junit XML, run_all's
 #                             results.json/.md/charts, auto_choice.json), summary.txt
@@ -39,6 +39,7 @@ mkdir -p "$LOGS" "$RESULTS"
 BUDGET=${SESSION_BUDGET_S:-520}
 START=$(date +%s)
 STAGES=()
+FAILED=0
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the working tree even if the install fails
 unset VITA_KERNELS_FORCE_CUDA_BUILD  # build the extension if possible, never fail the install over it
@@ -69,6 +70,7 @@ stage() {
   timeout -k 10 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
   rc=$?
   if (( rc == 124 || rc == 137 )); then note=" (timed out)"; fi
+  if (( rc != 0 )); then FAILED=$(( FAILED + 1 )); fi
   tail -n 8 "$LOGS/$name.log" | sed "s/^/   $name| /"
   STAGES+=("$(printf '%-10s rc=%-4s %4ss%s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$note")")
 }
@@ -82,7 +84,7 @@ finish() {
          "$(( $(date +%s) - START ))s of ${BUDGET}s"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
     echo
-    echo "stages:"
+    echo "stages ($FAILED failed or timed out):"
     printf '  %s\n' "${STAGES[@]}"
     if [[ -f "$RESULTS/smoke.json" ]]; then
       echo
@@ -145,3 +147,4 @@ if (( $(left) > 60 )); then
   stage tests_rest 600 15 python -m pytest -q -p no:cacheprovider -m "not gpu and not cuda_ext" \
     --junitxml="$RESULTS/junit-rest.xml" tests benchmarks
 fi
+(( FAILED == 0 ))  # the exit status: non-zero when any stage failed (the EXIT trap still packs)

@@ -14,9 +14,9 @@ On a GPU (bf16, batch 1):
   R = 11 rows, as the runtime runs it: an engine with the 7B geometry but one LLM layer and one
   MCTP module (3.4 GB instead of 20 GB: nothing else is timed), its runner's own captured CUDA
   graph replayed; its floor is the module's weight bytes (1.72 GB) / the copy bandwidth.
-Prints a markdown table and the JSON record (or writes it to --json). Takes well under a
-minute on an H100/H200, Triton compilation included; --time-budget-s stops starting new op
-timings once spent (the MCTP step still runs).
+Prints a markdown table and the JSON record (or writes it to --json). Sized for under a
+minute on an H100/H200, Triton compilation included (not yet timed on one); --time-budget-s
+stops starting new op timings once spent (the MCTP step still runs).
 
 Without a CUDA device it exits with status 2 and says so, unless --cpu-dry-run: then the same
 code runs at the tiny geometry through the Triton interpreter in bf16, with one untimed and two
