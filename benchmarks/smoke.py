@@ -148,8 +148,6 @@ def time_mctp_step(settings: harness.Settings, copy_gbps: float) -> dict:
     row.update(us=t.median_us, p20_us=t.p20_us, p80_us=t.p80_us, spread=f"{t.p20_us:.1f}-{t.p80_us:.1f}",
                graphed=graphed, note="; ".join(filter(None, ["runner graph replay" if graphed else "eager", t.note])),
                **harness.roofline(floor_bytes, t.median_us, copy_gbps))
-    del engine, runner
-    harness.free_memory()
     return row
 
 
@@ -159,6 +157,7 @@ def run(settings: harness.Settings, dry_run: bool) -> dict:
     copy = harness.copy_bandwidth(settings)
     ops_rows, notes = time_ops(settings, copy["gbps"])
     step = time_mctp_step(settings, copy["gbps"])
+    harness.free_memory()  # the step's engine
     return {"kind": "smoke", "dry_run": dry_run, "measurement": not dry_run, "environment": env,
             "settings": settings.record(), "rows_timed": list(ROWS), "copy_bandwidth": copy, "ops": ops_rows,
             "mctp_step": step, "notes": notes, "elapsed_s": time.perf_counter() - start}
@@ -172,8 +171,8 @@ def render(record: dict) -> str:
     s = record["settings"]
     lines += [f"## Smoke: {harness.device_name(env)}, {s['geometry']} shapes, {s['dtype']}, batch 1",
               "",
-              f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, commit {env['git_commit']}"
-              f"{' (dirty)' if env['git_dirty'] else ''}, {env['date_utc']}",
+              (f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, commit {env['git_commit']}"
+               f"{' (dirty)' if env['git_dirty'] else ''}, {env['date_utc']}"),
               "",
               f"Copy bandwidth (device to device, read + written): {record['copy_bandwidth']['gbps']:.0f} GB/s",
               "",
