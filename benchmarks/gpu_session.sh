@@ -79,9 +79,10 @@ stage() {
 finish() {
   local summary="$WORK/summary.txt"
   {
-    echo "GPU session $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)" \
-         "$(git -C "$REPO" status --porcelain 2>/dev/null | grep -q . && echo '(dirty)')," \
-         "$(( $(date +%s) - START ))s of ${BUDGET}s"
+    local commit dirty=""
+    commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if git -C "$REPO" status --porcelain 2>/dev/null | grep -q .; then dirty=" (dirty)"; fi
+    echo "GPU session $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $commit$dirty, $(( $(date +%s) - START ))s of ${BUDGET}s"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
     echo
     echo "stages ($FAILED failed or timed out):"
