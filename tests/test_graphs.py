@@ -79,4 +79,7 @@ def test_7b_graph_equals_eager_bf16(tensors_7b, mode):
     del eager
     graphs = _engine("7b", torch.bfloat16, "triton", True, tensors_7b)
     b = graphs.generate(prompt, mode=mode, max_new_tokens=48, ignore_eos=True)
-    assert b.tokens == a.tokens
+    assert len(graphs.runner.graphs) > 0
+    assert b.producers == a.producers
+    differ = [i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y]
+    assert not differ, f"{len(differ)} of {len(a.tokens)} tokens differ, the first at index {differ[:1]}"
