@@ -35,7 +35,7 @@ def eager_loop(engine):
     from vita_audio_runtime.runner import DecodeRunner
 
     graph_runner = engine.runner
-    engine.runner = DecodeRunner(engine.model, engine.max_seq_len, use_graphs=False)
+    engine.runner = DecodeRunner(engine.model, engine.max_seq_len, engine.max_batch, use_graphs=False)
     try:
         yield engine
     finally:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from benchmarks import harness
+from vita_audio_runtime.scheduler import Span
 
 OURS, HF, COMPILED = "ours (graph)", "transformers eager", "torch.compile"
 COLUMNS: list[harness.Column] = [
@@ -122,13 +123,15 @@ def compiled_region(engine, settings: harness.Settings, first: int, rows: int, m
 
     ref = copy.copy(engine.model)  # shallow: the weights are shared, only the kernel backend differs
     ref.ops = resolve_backend("torch", engine.model.device)
-    state, ws = engine.runner.state, engine.runner.workspace(rows)
-    pos = torch.tensor([first], dtype=torch.int64, device=engine.model.device)
+    runner, state = engine.runner, engine.runner.state
+    # Module k's tables differ in the token each row reads ahead: a workspace of its own per module.
+    steps = [runner.prepare([Span(0, first, rows, emit=True)], ahead=k + 1, fresh=True) for k in range(modules)]
 
     def region() -> None:
         for k in range(modules):
-            ref.mtp_step(k, state, ws, pos, first + rows)  # exact bound: a fixed-length compiled region
-            ref.emit(state, ws, pos, k + 1, params, None)
+            ws = steps[k][0]
+            ref.mtp_step(k, state, ws, first + rows)  # exact window: a fixed-length compiled region
+            ref.emit(state, ws, None)
 
     # Static shapes: each (R, modules) gets code specialised to it, as a deployment would compile.
     torch._dynamo.reset()
@@ -146,6 +149,7 @@ def run(settings: harness.Settings, copy_gbps: float, args: argparse.Namespace |
     cfg, runner, model = engine.cfg, engine.runner, engine.model
     n = cfg.num_mtp_modules
     params = engine.sampling_params(do_sample=False, repetition_penalty=1.0)  # greedy: the fused head argmax
+    step_params = [params]
     prompt = harness.prompt_ids(engine, settings.prompt_len, settings.seed)
     first = len(prompt)
     row_counts = GEOMETRIES[settings.geometry].rows
@@ -180,9 +184,12 @@ def run(settings: harness.Settings, copy_gbps: float, args: argparse.Namespace |
 
     graphs_note = "" if runner.use_graphs else "eager: no CUDA graphs on this device"
     for r in row_counts:
-        record("mctp_step", r, OURS, lambda r=r: runner.burst([(first, r)], params), note=graphs_note)
-        record("burst", r, OURS, lambda r=r: runner.burst([(first, r)] * n, params), note=graphs_note)
-    record("llm_step", 1, OURS, lambda: runner.llm_step(first, 1, params), note=graphs_note)
+        span = [Span(0, first, r, emit=True)]
+        record("mctp_step", r, OURS, lambda span=span: runner.mtp_step(0, span, step_params), note=graphs_note)
+        record("burst", r, OURS, lambda span=span: [runner.mtp_step(k, span, step_params) for k in range(n)],
+               note=graphs_note)
+    record("llm_step", 1, OURS, lambda: runner.llm_step([Span(0, first, 1, emit=True)], step_params),
+           note=graphs_note)
     harness.sync(settings.device)
 
     def transformers_peer() -> None:  # its modules (7.6 GB at 7B) are freed on return

@@ -116,20 +116,21 @@ def step_engine(settings: harness.Settings):
     from vita_audio_runtime.config import PRESETS
     from vita_audio_runtime.engine import Engine
 
-    preset = PRESETS[settings.preset]
+    preset = PRESETS[settings.preset]  # one slot: the state of a single stream
     cfg = dataclasses.replace(preset.config, num_llm_layers=1, num_mtp_modules=1)
     tensors = random_tensors(cfg, settings.torch_dtype, settings.torch_device, seed=settings.seed)
     return Engine(cfg, tensors, preset.special_tokens(), preset.defaults, backend="triton",
-                  max_seq_len=settings.max_seq_len)
+                  max_seq_len=settings.max_seq_len, max_batch=1)
 
 
 def time_mctp_step(settings: harness.Settings, copy_gbps: float) -> dict:
     """Module 0 over STEP_ROWS rows, the runner's graph replayed (eager on a CPU)."""
     from benchmarks.bench_mctp_step import weight_floors
+    from vita_audio_runtime.scheduler import Span
 
     engine = step_engine(settings)
     runner = engine.runner
-    params = engine.sampling_params(do_sample=False, repetition_penalty=1.0)  # greedy: the fused head argmax
+    params = [engine.sampling_params(do_sample=False, repetition_penalty=1.0)]  # greedy: the fused head argmax
     prompt = harness.prompt_ids(engine, settings.prompt_len, settings.seed)
     first = len(prompt)
     # Real activations behind every row the step reads: the KV cache, the hidden history and the
@@ -139,12 +140,12 @@ def time_mctp_step(settings: harness.Settings, copy_gbps: float) -> dict:
     row = {"region": "mctp_step", "rows": STEP_ROWS, "impl": "triton", "bytes_moved": floor_bytes,
            "bytes_text": harness.size_text(floor_bytes), "backend": engine.kernels.choice}
     try:
-        t = harness.time_fn(lambda: runner.burst([(first, STEP_ROWS)], params), settings)
+        t = harness.time_fn(lambda: runner.mtp_step(0, [Span(0, first, STEP_ROWS, emit=True)], params), settings)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         harness.sync(settings.device)
         row.update(us=None, note=f"error: {harness._first_line(exc)}")
         return row
-    graphed = (("burst", (STEP_ROWS,), params) in runner.graphs)
+    graphed = any(key[:2] == ("mtp", 0) for key in runner.graphs)
     row.update(us=t.median_us, p20_us=t.p20_us, p80_us=t.p80_us, spread=f"{t.p20_us:.1f}-{t.p80_us:.1f}",
                graphed=graphed, note="; ".join(filter(None, ["runner graph replay" if graphed else "eager", t.note])),
                **harness.roofline(floor_bytes, t.median_us, copy_gbps))

@@ -9,6 +9,7 @@ import torch
 from vita_audio_runtime.checkpoint import random_tensors
 from vita_audio_runtime.config import PRESETS
 from vita_audio_runtime.engine import Engine
+from vita_audio_runtime.scheduler import Span
 
 pytestmark = pytest.mark.gpu
 MODES = ["vanilla", "balance", "boost", "turbo"]
@@ -52,14 +53,15 @@ def test_replays_allocate_nothing(tiny_tensors):
     """After capture, replaying the Turbo steady-state shapes allocates no device memory at all."""
     engine = _engine("tiny", torch.float32, "triton", True, tiny_tensors)
     engine.generate(list(range(3, 35)), mode="turbo", max_new_tokens=100, ignore_eos=True)  # captures
-    params = engine.sampling_params()
+    params = [engine.sampling_params()]
     runner = engine.runner
-    assert ("llm", 11, params) in runner.graphs and ("burst", (11,) * 10, params) in runner.graphs
+    assert ("llm", 16, 1, True) in runner.graphs and ("mtp", 9, 16, 1, True) in runner.graphs  # 11 rows padded
     torch.cuda.synchronize()
     allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
     for first in range(40, 100, 11):
-        runner.llm_step(first, 11, params)
-        runner.burst([(first, 11)] * 10, params)
+        runner.llm_step([Span(0, first, 11, emit=True)], params)
+        for k in range(10):
+            runner.mtp_step(k, [Span(0, first, 11, emit=True)], params)
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations
     assert engine.memory_report()["graph_pool"] > 0

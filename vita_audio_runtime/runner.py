@@ -46,7 +46,9 @@ class DecodeRunner:
         self.model, self.max_seq_len, self.max_batch = model, max_seq_len, max_batch
         self.device, self.dtype = model.device, model.dtype
         self.use_graphs = bool(use_graphs and self.device.type == "cuda")
-        self.bucketed = self.use_graphs if bucketed is None else bucketed
+        # Padded shapes on every CUDA device, graphs or not: the kernels' tile choices follow the
+        # row count, so eager and replayed steps must see the same shapes to round alike.
+        self.bucketed = self.device.type == "cuda" if bucketed is None else bucketed
         self.graph_max_rows = graph_max_rows or max(16, 16 * max_batch)
         self.scratch = max_batch  # the padding rows' region
         self.state = DecodeState(model.cfg, max_seq_len, max_batch + 1, self.device, self.dtype)
@@ -128,15 +130,16 @@ class DecodeRunner:
 
         self._execute(kind + (ws.rows, ws.num_seqs, bool(emitters)), graphed, run)
 
-    def prepare(self, spans: list[Span], ahead: int) -> tuple[Workspace, int, bool]:
+    def prepare(self, spans: list[Span], ahead: int, fresh: bool = False) -> tuple[Workspace, int, bool]:
         """The workspace for a step over `spans` with its tables uploaded: (workspace, attention
-        window, padded). Padded (with graphs on, up to graph_max_rows rows): rows and sequences
-        rounded up to buckets, the window the whole region, so the step can be captured."""
+        window, padded). Padded (on a GPU, up to graph_max_rows rows): rows and sequences rounded
+        up to buckets, the window the whole region, so the step can be captured. `fresh`: a new
+        workspace of that size rather than the runner's shared one (for callers that keep it)."""
         s = self.max_seq_len
         rows = sum(sp.rows for sp in spans)
         padded = self.bucketed and rows <= self.graph_max_rows and bucket(rows) <= s
         rows_p, seqs_p = (bucket(rows), bucket(len(spans))) if padded else (rows, len(spans))
-        ws = self.workspace(rows_p, seqs_p)
+        ws = Workspace(self.model.cfg, rows_p, seqs_p, self.device, self.dtype) if fresh else self.workspace(rows_p, seqs_p)
         ws.max_seq_rows = rows_p if padded else max(sp.rows for sp in spans)
         window = s if padded else max(sp.first + sp.rows for sp in spans)
 
