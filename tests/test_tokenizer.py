@@ -1,4 +1,5 @@
 """The presets' tokenizers, the chat prompt, incremental detokenizing and tokenizer files in checkpoints."""
+import dataclasses
 import json
 import random
 
@@ -63,6 +64,15 @@ def test_decode_leaves_out_audio_markers_and_special_tokens(tiny):
     text_ids = tiny.hf.encode("Hi", add_special_tokens=False)
     ids = [s.begin_of_audio, s.audio_offset + 5, s.end_of_audio, *text_ids, s.eos_ids[0], s.audio_offset + 63]
     assert tiny.decode(ids) == "Hi"
+
+
+def test_added_tokens_that_are_not_special_decode_as_text():
+    tok = TextTokenizer.from_pretrained("tiny")  # a fresh copy: adding a token changes it
+    tok.hf.add_tokens(["<note>"])
+    note = tok.hf.convert_tokens_to_ids("<note>")
+    plain = TextTokenizer(tok.hf, dataclasses.replace(tok.special, audio_offset=None))  # no audio range here
+    assert plain.is_text(note) and plain.decode([note, tok.special.eos_ids[0]]) == "<note>"
+    assert not tok.is_text(note)  # in the presets every id past the audio offset counts as audio
 
 
 def test_incremental_detokenizer_holds_back_split_characters(tiny):

@@ -142,8 +142,10 @@ class TextTokenizer:
         self.hf = hf_tokenizer
         self.special = special
         self.chat_template = chat_template
-        # Ids that never decode as text: every added/special token (markers, EOS, <|audio_c|>, ...).
-        self._non_text = set(int(i) for i in getattr(hf_tokenizer, "added_tokens_decoder", {}))
+        # Ids that never decode as text: the special tokens (markers, EOS, <|im_start|>, ...). Added tokens
+        # that are not special (Qwen2.5's <tool_call>, say) are text; audio ids are excluded by range.
+        added = getattr(hf_tokenizer, "added_tokens_decoder", {})
+        self._non_text = {int(i) for i, t in added.items() if getattr(t, "special", True)}
         self._non_text.update(special.eos_ids)
         self._non_text.update(i for i in (special.begin_of_audio, special.end_of_audio) if i is not None)
         self._size = len(hf_tokenizer)
