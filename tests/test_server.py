@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -314,6 +315,14 @@ def test_health_and_model_info(server):
     assert info["special"] == {"eos_ids": list(special.eos_ids), "begin_of_audio": special.begin_of_audio,
                                "end_of_audio": special.end_of_audio, "audio_offset": special.audio_offset}
     assert info["max_batch"] == engine.max_batch == 4 and info["max_seq_len"] == 192 and info["text_prompts"]
+
+
+def test_runtime_and_kernels_import_without_the_serve_extra():
+    code = ("import sys\n"
+            "for name in ('uvicorn', 'starlette', 'httpx', 'websockets'): sys.modules[name] = None\n"
+            "import vita_kernels, vita_audio_runtime.engine, vita_audio_runtime.cli, vita_audio_runtime.tokenizer\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
 
 
 def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
