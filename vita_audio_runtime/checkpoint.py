@@ -84,8 +84,11 @@ def random_tensors(cfg: VitaConfig, dtype: torch.dtype, device: torch.device | s
 
 def save_checkpoint(path: str | Path, cfg: VitaConfig, tensors: dict[str, torch.Tensor],
                     defaults: GenerationDefaults, token_names: dict[str, int] | None = None,
-                    shard_bytes: int | None = None) -> Path:
-    """Write a checkpoint directory in the Hugging Face layout (sharded when shard_bytes is set)."""
+                    shard_bytes: int | None = None, tokenizer=None) -> Path:
+    """Write a checkpoint directory in the Hugging Face layout (sharded when shard_bytes is set).
+
+    `tokenizer` (a vita_audio_runtime.tokenizer.TextTokenizer) adds its files (tokenizer.json,
+    tokenizer_config.json, ...), so text prompts work on the saved checkpoint."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = cfg.to_hf_dict()
@@ -93,11 +96,17 @@ def save_checkpoint(path: str | Path, cfg: VitaConfig, tensors: dict[str, torch.
         config["speech_token_offset"] = token_names["<|audio_0|>"]
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(defaults.to_hf_dict(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path)
     if token_names:
         (path / "added_tokens.json").write_text(json.dumps(token_names, indent=1))
         decoder = {str(i): {"content": t, "special": True} for t, i in token_names.items()
                    if not t.startswith("<|audio_")}
-        (path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}, indent=1))
+        # Keep the tokenizer's own tokenizer_config.json (transformers 5 leaves added_tokens_decoder out).
+        tok_cfg_path = path / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+        tok_cfg.setdefault("added_tokens_decoder", decoder)
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=1))
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     if shard_bytes is None:
         save_file(cpu, str(path / SINGLE_FILE), metadata={"format": "pt"})
@@ -123,10 +132,13 @@ def save_checkpoint(path: str | Path, cfg: VitaConfig, tensors: dict[str, torch.
 
 def write_random_checkpoint(path: str | Path, preset: Preset, seed: int = 0, dtype: torch.dtype | None = None,
                             shard_bytes: int | None = None) -> Path:
-    """A random-weight checkpoint of a preset's geometry, with its tokenizer ids (tests, demos)."""
+    """A random-weight checkpoint of a preset's geometry, with its tokenizer (tests, demos)."""
+    from vita_audio_runtime.tokenizer import TextTokenizer  # transformers loads only when a checkpoint is written
+
     dtype = dtype or getattr(torch, preset.config.torch_dtype)
     tensors = random_tensors(preset.config, dtype, "cpu", seed)
-    return save_checkpoint(path, preset.config, tensors, preset.defaults, preset.token_names(), shard_bytes)
+    return save_checkpoint(path, preset.config, tensors, preset.defaults, preset.token_names(), shard_bytes,
+                           tokenizer=TextTokenizer.from_pretrained(preset.name))
 
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -204,8 +204,10 @@ def _preset(name, *, text, audio, hidden, inter, layers, heads, kv_heads, max_se
 
 
 PRESETS: dict[str, Preset] = {
-    # CPU tests: every shape small and odd-sized, GQA 4:2, 10 MCTP modules as in the release.
-    "tiny": _preset("tiny", text=200, audio=64, hidden=64, inter=136, layers=2, heads=4, kv_heads=2,
+    # CPU tests: every shape small and odd-sized, GQA 4:2, 10 MCTP modules as in the release. 268 text ids:
+    # the 256 bytes of its byte-level tokenizer plus 12 merges (a size at which the seeded-weight cases
+    # of tests/test_engine.py, e.g. an EOS from module 1 mid-burst, still hold).
+    "tiny": _preset("tiny", text=268, audio=64, hidden=64, inter=136, layers=2, heads=4, kv_heads=2,
                     max_seq_len=192, dtype="float32"),
     # CPU demo with the 7B's proportions: 28 + 10 layers, GQA 7:1, MLP 5.3x, head ~2.5 layers
     # (fewer audio codes than the 7B's 16384 keep the head in proportion at this width).
