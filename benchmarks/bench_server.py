@@ -5,7 +5,7 @@ Each level runs `--requests-per-client` x concurrency streaming requests (SSE, r
 prompts, EOS ignored so every request makes `--new-tokens` tokens) from that many client
 threads, and reports, measured at the client: requests/s and tokens/s over the level's wall time,
 time to the first event and to the first complete audio chunk (p50/p95), and 503s. The server
-runs in this process on 127.0.0.1 (a free port) around the engine `--engine` builds, or is an
+runs in this process on 127.0.0.1 (a free port) around the engine it builds, or is an
 already running one given by `--url` (loopback only). Everything is bounded: a timeout per
 request and `--time-budget-s` for the run (levels not started in time are skipped and listed).
 Random-weight presets rarely emit audio segments, so their audio columns read n/a: use a real
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as _dt
-import importlib
 import json
 import random
 import socket
@@ -107,23 +106,14 @@ def run_level(url: str, concurrency: int, count: int, body_for, timeout_s: float
     }
 
 
-def load_factory(spec: str):
-    """"module:attr.attr" -> the callable (default: the runtime's Engine.from_pretrained)."""
-    module, _, attr = spec.partition(":")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def start_server(args):
     """The engine and server in this process on a free loopback port; returns (url, stop)."""
+    from vita_audio_runtime.engine import Engine
     from vita_audio_runtime.server import build_server
     from vita_audio_runtime.tokenizer import TextTokenizer, TokenizerMissingError
 
-    engine = load_factory(args.engine)(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
-                                       max_seq_len=args.max_seq_len, max_batch=args.max_batch,
-                                       max_queue=args.max_queue)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+                                    max_seq_len=args.max_seq_len, max_batch=args.max_batch, max_queue=args.max_queue)
     try:
         tokenizer = TextTokenizer.from_pretrained(args.model)
     except TokenizerMissingError:
@@ -153,7 +143,7 @@ def render(r: dict) -> str:
     lines = [f"# Server load: {s['model']} ({s['mode'] or 'default mode'})", "",
              f"{r['environment']['date_utc']}, commit {r['environment']['git_commit']}, "
              f"{r['environment']['platform']}, torch {r['environment']['torch']}; "
-             f"engine `{s['engine']}`, max_batch {s['max_batch']}, prompt {s['prompt_len']} ids, "
+             f"backend {s['backend']}, max_batch {s['max_batch']}, prompt {s['prompt_len']} ids, "
              f"{s['new_tokens']} new tokens per request, {s['requests_per_client']} requests per client, "
              "over loopback.",
              "", harness.markdown_table(r["levels"], COLUMNS), ""]
@@ -169,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server on this machine (loopback only); default: start one here")
     p.add_argument("--model", default="7b", help="preset or checkpoint directory for the in-process server")
-    p.add_argument("--engine", default="vita_audio_runtime:Engine.from_pretrained",
-                   help="module:callable that builds the engine (from_pretrained's signature)")
     p.add_argument("--device")
     p.add_argument("--dtype")
     p.add_argument("--backend", default="auto")

@@ -169,10 +169,6 @@ def _serve(args) -> int:
     from vita_audio_runtime.server import build_server
     from vita_audio_runtime.tokenizer import TokenizerMissingError
 
-    if not hasattr(Engine, "submit"):
-        print("vita-audio serve needs the batching engine (Engine.submit, max_batch, max_queue), which this "
-              "build of vita_audio_runtime does not have yet", file=sys.stderr)
-        return 2
     try:
         tokenizer, tokenizer_error = _tokenizer(args.model, required=True), None
     except TokenizerMissingError as e:  # ids still work; text prompts get a 400 that says why

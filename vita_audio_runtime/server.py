@@ -33,11 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from vita_audio_runtime.schedule import Mode
 from vita_audio_runtime.tokenizer import TextTokenizer
 
-try:
-    from vita_audio_runtime.request import QueueFullError
-except ImportError:  # the batching engine's request module is not in this tree yet; same class contract
-    class QueueFullError(RuntimeError):
-        """The engine's queue is full."""
+from vita_audio_runtime.request import EngineClosedError, QueueFullError
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 7B-cache prompt of 32k ids as JSON is ~250 KB
 RETRY_AFTER_S = 1
@@ -233,6 +229,8 @@ class GenerationService:
         except QueueFullError as e:
             raise BadRequest(f"the engine's queue is full ({self.engine.max_queue} waiting): {e}; retry later",
                              503) from None
+        except EngineClosedError as e:
+            raise BadRequest(f"the engine is not serving: {e}", 503) from None
         except ValueError as e:
             raise BadRequest(str(e)) from None
         relay = _Relay(request, asyncio.get_running_loop())
