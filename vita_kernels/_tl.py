@@ -258,10 +258,10 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
     (64 registers per thread at 4 warps), preferring K steps of >= 256 columns (512 contiguous
     bytes per weight row, 16-byte vector loads) over a wide BLOCK_N.
 
-    tl.dot path: BLOCK_R = 16..128 rows; BLOCK_K keeps the normalised [BLOCK_R, BLOCK_K] fp32
-    activation chunk at 8192 values (64 registers per thread at 4 warps, 32 at 8); 8 warps from
-    64 rows on so that the [BLOCK_R, BLOCK_N] accumulators stay at <= 64 registers per thread.
-    Two pipeline stages: the weight tile of step k+1 is in flight while step k multiplies.
+    tl.dot path: BLOCK_R = 16..128 rows, BLOCK_K = 128 (a [16, 128] bf16 weight tile is 16 bytes
+    per thread at 4 warps: one 128-bit cp.async each); 8 warps from 64 rows on so that the
+    [BLOCK_R, BLOCK_N] accumulators stay at <= 64 registers per thread. Three pipeline stages:
+    the weight tiles of steps k+1 and k+2 are in flight (cp.async) while step k multiplies.
 
     Split-K (only with <= 16 rows, the decode/MCTP steps): at the 7B shapes a narrow projection
     (N = 3584: o_proj, down_proj, mtp_input) has 3584 / 16 = 224 tiles of tl.dot's minimum 16
@@ -287,14 +287,14 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
         num_warps, num_stages = NUM_WARPS, 1
     else:
         num_warps = 4 if block_r <= 32 else 8
-        block_k = min(128, 8192 // block_r, max(16, triton.next_power_of_2(k)))
+        block_k = min(128, max(16, triton.next_power_of_2(k)))
         # Accumulators: block_r * block_n * tiles fp32 values <= 64 per thread.
         widest = max(16, min(64, 64 * 32 * num_warps // (block_r * tiles)))
         block_n = widest
         while block_n > 16 and triton.cdiv(n, block_n) < target:
             block_n //= 2
         block_n = max(16, min(block_n, triton.next_power_of_2(n)))
-        num_stages = 2
+        num_stages = 3
     split_k = 1
     if split_align is not None and block_r == 16 and triton.cdiv(n, block_n) < target:
         for splits in (2, 4, 8):
@@ -306,9 +306,11 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
             split_k, block_k = splits, step
             if triton.cdiv(n, block_n) * splits >= target:
                 break
-    # Row statistics read [BLOCK_R, STATS_K] per step: few wide steps (3584 columns in one step
-    # at 1 row), bounded to 4096 fp32 values in registers.
-    stats_k = max(block_k, min(triton.next_power_of_2(k), 4096 // block_r))
+    # Row statistics read [BLOCK_R, STATS_K] per step: few wide steps on the broadcast path (3584
+    # columns in one step at 1 row), bounded to 4096 fp32 values in registers; on the tl.dot
+    # path the K step's own width, whose [>= 16, 128] chunk is already 2048+ values (wider
+    # chunks spill in mtp_input, which keeps three sets of row statistics live).
+    stats_k = block_k if block_r >= 16 else max(block_k, min(triton.next_power_of_2(k), 4096 // block_r))
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, STATS_K=stats_k, SPLIT_K=split_k,
                 num_warps=num_warps, num_stages=num_stages)
 
