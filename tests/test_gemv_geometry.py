@@ -52,7 +52,7 @@ def _tiles(launch: _tl.Launch, n: int, k: int, rows: int) -> list[tuple[range, r
             for pn in range(grid[0]) for pr in range(grid[1]) for pk in range(grid[2])]
 
 
-@pytest.mark.parametrize("rows", [1, 11, 16, 40, 128])
+@pytest.mark.parametrize("rows", [1, 2, 4, 11, 16, 40, 128])
 def test_each_weight_element_is_read_by_exactly_one_program(rows):
     """One row block covers every row (grid row axis 1) for <= 128 rows, and the programs'
     (weight rows x K range) tiles partition the [N, K] weight: each element read exactly once."""
@@ -79,16 +79,16 @@ def test_rows_beyond_128_take_a_row_axis():
     assert launches[0].grid[1] == 3 and launches[0].kwargs["BLOCK_R"] == 128
 
 
-@pytest.mark.parametrize("rows, block_r", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 16), (16, 16), (17, 32), (33, 64),
+@pytest.mark.parametrize("rows, block_r", [(1, 1), (2, 2), (3, 16), (4, 16), (5, 16), (16, 16), (17, 32), (33, 64),
                                            (65, 128), (128, 128), (129, 128)])
 def test_row_blocks(rows, block_r):
     assert _tl.gemv_config("cuda", rows, 3584, 3584)["BLOCK_R"] == block_r
 
 
 def test_split_k_only_for_narrow_decode_projections():
-    """Split-K where the tile count is under 4 programs per SM at <= 16 rows: o_proj, down_proj and
+    """Split-K where the tile count is under 4 programs per SM at 3..16 rows: o_proj, down_proj and
     mtp_input (N = 3584), never gate_up / head (wide N) and never beyond 16 rows."""
-    for rows in (11, 14, 16):
+    for rows in (4, 11, 14, 16):
         plans = _plans(rows)
         for label in ("o_proj", "down_proj", "mtp_input"):
             launches = plans[label][0]
@@ -96,7 +96,7 @@ def test_split_k_only_for_narrow_decode_projections():
             assert len(launches) == 2 and launches[1].kernel is linear._split_k_epilogue_kernel, label
         for label in ("gate_up", "head_logits"):
             assert plans[label][0][0].kwargs["SPLIT_K"] == 1, label
-    for rows in (1, 4, 40, 128):
+    for rows in (1, 2, 40, 128):
         assert all(launches[0].kwargs["SPLIT_K"] == 1 for launches, _, _ in _plans(rows).values()), rows
 
 
@@ -131,10 +131,12 @@ def _small(op: str, rows: int, dtype=torch.float32, seed: int = 5) -> dict:
     return kw
 
 
+@pytest.mark.parametrize("rows", [2, 40])
 @pytest.mark.parametrize("op", ["linear", "norm_gate_up", "mtp_input", "head_logits"])
-def test_prefill_row_block_matches_reference(op):
-    """40 rows: one 64-row tl.dot block (the prefill path) equals the reference."""
-    kw = _small(op, 40)
+def test_row_block_classes_match_reference(op, rows):
+    """2 rows (the 2-row broadcast block) and 40 rows (one 64-row tl.dot block, the prefill
+    path), which the registry's row counts (1, 3, 11) do not reach, equal the reference."""
+    kw = _small(op, rows)
     spec = get_op(op)
     got = spec.impls["triton"](**kw)
     want = spec.ref(**kw)

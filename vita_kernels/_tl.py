@@ -11,7 +11,7 @@ normalised twice) from rows that stay in L2. The helpers below are that common c
 - `apply_rmsnorm`, `load_normed`, `row_rstd`: Qwen2's RMSNorm `w * (x * rstd).to(dtype)`
   with the reference's two roundings.
 - `tile_dot`: acc[R, N] += X[R, K] @ W[N, K]^T on tensor cores (tl.dot) for >= 16 padded rows.
-- `gemv_accumulate`: the K loop over one or two weight row sets. With <= 4 rows it keeps a
+- `gemv_accumulate`: the K loop over one or two weight row sets. With 1 or 2 rows it keeps a
   [BLOCK_R, BLOCK_N, BLOCK_K] fp32 accumulator of per-lane products and reduces over K once,
   after the loop: no cross-lane shuffle inside the loop, which is then loads + FMAs only.
 
@@ -236,14 +236,22 @@ def gemv_blocks(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
 
 
 def gemv_row_block(rows: int) -> int:
-    """Activation rows per program for the read-once launchers: 1, 2 or 4 on the broadcast
-    path; 16, 32, 64 or 128 (tl.dot) beyond 4 rows, so one program covers up to 128 rows."""
-    if rows <= 4:
-        return triton.next_power_of_2(max(rows, 1))
+    """Activation rows per program for the read-once launchers: 1 or 2 on the broadcast path;
+    16, 32, 64 or 128 (tl.dot) from 3 rows on, so one program covers up to 128 rows.
+
+    Why tl.dot already at 3-4 rows, padding to 16: the broadcast path holds R x BLOCK_N x
+    BLOCK_K fp32 products per program, so at 4 rows its weight tile per K step is a quarter of
+    the 1-row tile (4 KB at 7B) and the SM keeps ~16 KB of weights in flight; the tl.dot path's
+    accumulator is only R x BLOCK_N, its weight tiles stream through shared memory as 16-byte
+    cp.async two steps ahead (48-57 KB in flight per SM at 7B, see the static report), and
+    the padded MMA work is free in a memory-bound loop.
+    """
+    if rows <= 2:
+        return max(rows, 1)
     return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rows)))
 
 
-def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min_block_n: int = 8,
+def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min_block_n: int = 4,
                 split_align: int | None = None) -> dict:
     """The launch configuration of a read-once GEMV of `rows` rows over an [n, k] weight.
 
@@ -253,8 +261,9 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
     split-K (the op has no split epilogue); otherwise every K range must start at a multiple
     of it (mtp_input: H, so a range never straddles its two normalised halves).
 
-    Broadcast path (<= 4 rows): BLOCK_N is the largest of 64..min_block_n that still gives
-    TARGET_PROGRAMS programs; the [R, N, K] accumulator holds BROADCAST_TILE fp32 products
+    Broadcast path (1 or 2 rows): BLOCK_N is the largest of 64..min_block_n that still gives
+    TARGET_PROGRAMS programs (N = 3584 at 7B: 4 rows, 896 programs, 6.8 per SM where 8 rows
+    would give 3.4: the busiest SM would stream 4 / 3.4 = 1.18x the mean); the [R, N, K] accumulator holds BROADCAST_TILE fp32 products
     (64 registers per thread at 4 warps), preferring K steps of >= 256 columns (512 contiguous
     bytes per weight row, 16-byte vector loads) over a wide BLOCK_N.
 

@@ -95,7 +95,7 @@ def norm_gate_up(
 
     x: [R, H]; norm_weight: [H]; w_gate_up: [2I, H] contiguous (gate rows, then up rows); one
     dtype. Returns [R, I]. Grid at 7B (I = 18944): 8-column blocks of gate and up (2368
-    programs) at R <= 4; tl.dot blocks of 16-32 columns beyond, one row block for <= 128 rows.
+    programs) at R = 1 (2368 at R = 2); tl.dot blocks of 16-32 columns beyond, one row block for <= 128 rows.
     """
     dtype = _tl.model_dtype("x", x)
     dev = x.device

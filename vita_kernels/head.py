@@ -177,7 +177,7 @@ def head_logits(
     """logits = (rmsnorm(x) @ W_head^T).to(dtype).float(): the fused Triton head (= head_logits_ref).
 
     x: [R, H]; norm_weight: [H]; w_head: [V, H] contiguous; one dtype. Returns [R, V] fp32.
-    Grid at 7B: 16-id blocks (10505 programs) at R <= 4, 64-id tl.dot blocks beyond; one row
+    Grid at 7B: 32-id blocks (5253 programs) at R = 1, 16-id at R = 2, 64-id tl.dot blocks beyond; one row
     block for up to 128 rows.
     """
     dtype, dev, rows, vocab, hidden = _check(x, norm_weight, w_head)

@@ -139,9 +139,9 @@ def mtp_input(
     ids: [R] int64 in [0, V) (checked on the device: an id outside reads a zero embedding, as
     a host check would synchronise); embed: [V, H] contiguous; hidden: [R, H] raw
     previous-stage output; norm weights: [H]; w_proj: [H, 2H] contiguous; one float dtype.
-    Returns [R, H] (= mtp_input_ref). Grid at 7B: 8-column blocks (448 programs) at R <= 4;
+    Returns [R, H] (= mtp_input_ref). Grid at 7B: 8-column blocks (448 programs) at R <= 2;
     16-column tl.dot blocks split four ways along K (896 programs + the split-K epilogue) at
-    R = 5..16; one row block for up to 128 rows.
+    R = 3..16; one row block for up to 128 rows.
     """
     dtype = _tl.model_dtype("hidden", hidden)
     dev = hidden.device
