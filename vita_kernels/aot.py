@@ -228,6 +228,7 @@ def ptx_analysis(ptx: str) -> dict:
     lines = ptx.splitlines()
     loops = _loop_lines(lines)
     weight_bits: list[int] = []
+    async_bits: list[int] = []
     weight_async = False
     other_loads_in_loop = 0
     shfl_in, shfl_out = 0, 0
@@ -241,14 +242,22 @@ def ptx_analysis(ptx: str) -> dict:
         is_load = re.search(r"\b(ld\.global|cp\.async\.c[ag])", text)
         if not is_load:
             continue
+        if "cp.async" in text:
+            async_bits.append(_load_bits(text))
         if "evict_first" in text or ("cp.async" in text and "L2::cache_hint" in text):
             weight_bits.append(_load_bits(text))
             weight_async |= "cp.async" in text and i in loops
         elif i in loops:
             other_loads_in_loop += 1
+    # Triton 3.6's software pipeliner drops the eviction policy of the loads it turns into
+    # cp.async: then the weight tiles cannot be told from the activation tiles, and every
+    # asynchronous copy stands for them (a stricter test: all of them must be 16 bytes).
+    marked = bool(weight_bits)
+    if not marked and async_bits:
+        weight_bits, weight_async = async_bits, True
     return dict(weight_load_bits=sorted(set(weight_bits)), weight_loads=len(weight_bits),
-                weight_loads_async=weight_async, shfl_in_loops=shfl_in, shfl_outside_loops=shfl_out,
-                other_loads_in_loops=other_loads_in_loop)
+                weight_loads_async=weight_async, evict_first_in_ptx=marked, shfl_in_loops=shfl_in,
+                shfl_outside_loops=shfl_out, other_loads_in_loops=other_loads_in_loop)
 
 
 # ----------------------------------------------------------------------------- report
