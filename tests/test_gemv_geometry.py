@@ -85,19 +85,26 @@ def test_row_blocks(rows, block_r):
     assert _tl.gemv_config("cuda", rows, 3584, 3584)["BLOCK_R"] == block_r
 
 
-def test_split_k_only_for_narrow_decode_projections():
-    """Split-K where the tile count is under 4 programs per SM at 3..16 rows: o_proj, down_proj and
-    mtp_input (N = 3584), never gate_up / head (wide N) and never beyond 16 rows."""
+def test_split_k_only_where_it_pays():
+    """Split-K where a narrow projection has under 4 programs per SM: o_proj, down_proj and
+    mtp_input (N = 3584) at 3..16 rows, four ways; never gate_up / head (wide N), never on the
+    broadcast path; beyond 16 rows only while the fp32 partials stay under 1/8 of the bf16
+    weight bytes (o_proj at 128 rows does not split)."""
     for rows in (4, 11, 14, 16):
         plans = _plans(rows)
         for label in ("o_proj", "down_proj", "mtp_input"):
             launches = plans[label][0]
             assert launches[0].kwargs["SPLIT_K"] == 4 and launches[0].grid[0] * 4 >= 4 * 132, label
             assert len(launches) == 2 and launches[1].kernel is linear._split_k_epilogue_kernel, label
-        for label in ("gate_up", "head_logits"):
-            assert plans[label][0][0].kwargs["SPLIT_K"] == 1, label
-    for rows in (1, 2, 40, 128):
-        assert all(launches[0].kwargs["SPLIT_K"] == 1 for launches, _, _ in _plans(rows).values()), rows
+            assert launches[1].grid[1] == rows and launches[1].kwargs["SPLIT_K"] == 4, label
+    for rows in (1, 2, 4, 11, 16, 32, 40, 128):
+        for label, (launches, n, k) in _plans(rows).items():
+            split = launches[0].kwargs["SPLIT_K"]
+            if label in ("gate_up", "head_argmax", "head_logits") or rows <= 2:
+                assert split == 1 and len(launches) == (2 if label == "head_argmax" else 1), (label, rows)
+            if rows > 16 and split > 1:
+                assert split * rows * 16 <= k, (label, rows, split)
+    assert _plans(128)["o_proj"][0][0].kwargs["SPLIT_K"] == 1
 
 
 def test_register_budget_of_the_configurations():

@@ -252,7 +252,7 @@ def gemv_row_block(rows: int) -> int:
 
 
 def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min_block_n: int = 4,
-                split_align: int | None = None) -> dict:
+                split_align: int | None = None, normed: bool = False) -> dict:
     """The launch configuration of a read-once GEMV of `rows` rows over an [n, k] weight.
 
     Returns BLOCK_R, BLOCK_N, BLOCK_K, STATS_K (columns per step of the RMS statistics), SPLIT_K
@@ -269,18 +269,23 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
 
     tl.dot path: BLOCK_R = 16..128 rows, BLOCK_K = 128 (a [16, 128] bf16 weight tile is 16 bytes
     per thread at 4 warps: one 128-bit cp.async each); 8 warps from 64 rows on so that the
-    [BLOCK_R, BLOCK_N] accumulators stay at <= 64 registers per thread. Three pipeline stages:
+    [BLOCK_R, BLOCK_N] accumulators stay at <= 64 registers per thread. `normed` (the kernel
+    builds its activation chunk in registers: RMSNorm prologues) bounds that fp32 chunk to 32
+    values per thread, so at 128 rows BLOCK_K = 64 and BLOCK_N >= 32 (mtp_input: 227 -> 127
+    registers, 1 -> 2 programs per SM). Three pipeline stages:
     the weight tiles of steps k+1 and k+2 are in flight (cp.async) while step k multiplies.
 
-    Split-K (only with <= 16 rows, the decode/MCTP steps): at the 7B shapes a narrow projection
+    Split-K (tl.dot path; decode/MCTP steps of 3-16 rows): at the 7B shapes a narrow projection
     (N = 3584: o_proj, down_proj, mtp_input) has 3584 / 16 = 224 tiles of tl.dot's minimum 16
     columns: 1.7 programs per SM of 132, so 40 SMs stream one tile while 92 stream two (85% of
     the machine at best) and an SM holds 1-2 programs' loads in flight. Four K ranges give 896
     programs (6.8 per SM, 97% balanced, 4x the loads in flight) for 4 x 16 x 3584 x 4 B = 0.9 MB
     of fp32 partials written and read back from L2 by a second, tiny launch (the reduction +
     epilogue), against 25.7-136 MB of weights: ~3.5% more traffic and one more launch inside the
-    captured step graph. With more rows a tile already carries enough work, and the partials
-    grow with R, so larger row blocks never split.
+    captured step graph. Larger row blocks (prefill chunks) split too while the partials stay
+    under 1/8 of the bf16 weight bytes (splits x R x 16 <= K): at R = 40 o_proj splits four ways
+    (4 x 40 x 3584 x 4 B = 2.3 MB of partials against 25.7 MB of weights), at R = 128 it does
+    not (K = 3584), while down_proj (K = 18944) still does.
     """
     block_r = gemv_row_block(rows)
     target = TARGET_PROGRAMS[device_type]
@@ -296,17 +301,24 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
         num_warps, num_stages = NUM_WARPS, 1
     else:
         num_warps = 4 if block_r <= 32 else 8
-        block_k = min(128, max(16, triton.next_power_of_2(k)))
+        threads = 32 * num_warps
+        block_k = 128
+        if normed:  # the normalised [BLOCK_R, BLOCK_K] fp32 chunk: <= 32 values per thread
+            block_k = min(block_k, 32 * threads // block_r)
+        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+        # 16-byte weight loads need >= 8 bf16 weights per thread in a [BLOCK_N, BLOCK_K] tile.
+        narrowest = max(16, 8 * threads // block_k)
         # Accumulators: block_r * block_n * tiles fp32 values <= 64 per thread.
-        widest = max(16, min(64, 64 * 32 * num_warps // (block_r * tiles)))
-        block_n = widest
-        while block_n > 16 and triton.cdiv(n, block_n) < target:
+        block_n = max(narrowest, min(64, 64 * threads // (block_r * tiles)))
+        while block_n > narrowest and triton.cdiv(n, block_n) < target:
             block_n //= 2
         block_n = max(16, min(block_n, triton.next_power_of_2(n)))
         num_stages = 3
     split_k = 1
-    if split_align is not None and block_r == 16 and triton.cdiv(n, block_n) < target:
+    if split_align is not None and block_r >= 16 and triton.cdiv(n, block_n) < target:
         for splits in (2, 4, 8):
+            if block_r > 16 and splits * rows * 16 > k:
+                break  # partials (splits x R x N x 4 B) would pass 1/8 of the bf16 weight bytes
             step = block_k
             while step >= 16 and (k % (splits * step) or split_align % (k // splits)):
                 step //= 2

@@ -70,7 +70,7 @@ def _norm_gate_up_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, R, I, eps, stride_xr
 
 def config(target: str, rows: int, intermediate: int, hidden: int) -> dict:
     """Launch configuration of `norm_gate_up` on `target` ("cuda", or "cpu": the interpreter)."""
-    return dict(H=hidden, **_tl.gemv_config(target, rows, intermediate, hidden, tiles=2))
+    return dict(H=hidden, **_tl.gemv_config(target, rows, intermediate, hidden, tiles=2, normed=True))
 
 
 def plan(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, eps: float, out: torch.Tensor,

@@ -133,7 +133,7 @@ _REDUCE_BLOCK = {"cuda": 1024, "cpu": 4}
 
 def config(target: str, rows: int, vocab: int, hidden: int, write_logits: bool) -> dict:
     """Launch configuration of the head GEMV on `target` ("cuda", or "cpu": the interpreter)."""
-    return dict(H=hidden, WRITE_LOGITS=write_logits, **_tl.gemv_config(target, rows, vocab, hidden))
+    return dict(H=hidden, WRITE_LOGITS=write_logits, **_tl.gemv_config(target, rows, vocab, hidden, normed=True))
 
 
 def _check(x, norm_weight, w_head):

@@ -166,11 +166,12 @@ def linear(
     """out = residual + (x @ W^T + bias).to(dtype): the fused Triton GEMV; same contract as linear_ref.
 
     x: [R, K]; weight: [N, K] contiguous; bias: [N]; residual: [R, N]; one dtype (fp32, bf16,
-    fp16). Returns [R, N] (or `out`). Grid at 7B (N = 3584): 8-row weight slabs at R <= 2 (448
+    fp16). Returns [R, N] (or `out`). Grid at 7B (N = 3584): 4-row weight slabs at R <= 2 (896
     programs); at R = 3..16 16-row slabs with tl.dot, split four ways along K (896 programs +
-    the split-K epilogue launch); at R = 17..128 one program per 16-row slab covers all rows
-    (the weight is read once). The split-K partials ([4, R, N] fp32) are allocated per call:
-    inside a CUDA graph capture they come from the graph's private pool.
+    the split-K epilogue launch); at R = 17..128 one row block of 32-128 rows covers all rows
+    (the weight is read once), split along K while the partials stay under 1/8 of the weight
+    bytes (see `_tl.gemv_config`). The split-K partials ([SPLIT_K, R, N] fp32) are allocated
+    per call: inside a CUDA graph capture they come from the graph's private pool.
     """
     dtype = _tl.model_dtype("x", x)
     dev = x.device

@@ -102,7 +102,7 @@ def _mtp_input_kernel(ids_ptr, embed_ptr, hidden_ptr, final_w_ptr, emb_w_ptr, hi
 def config(target: str, rows: int, hidden: int) -> dict:
     """Launch configuration of `mtp_input` on `target` ("cuda", or "cpu": the interpreter).
     Split-K ranges never straddle the two halves (split_align = H)."""
-    return dict(H=hidden, **_tl.gemv_config(target, rows, hidden, 2 * hidden, split_align=hidden))
+    return dict(H=hidden, **_tl.gemv_config(target, rows, hidden, 2 * hidden, split_align=hidden, normed=True))
 
 
 def plan(ids, embed, hidden, final_norm_weight, emb_norm_weight, hid_norm_weight, w_proj, eps, out,
@@ -139,9 +139,9 @@ def mtp_input(
     ids: [R] int64 in [0, V) (checked on the device: an id outside reads a zero embedding, as
     a host check would synchronise); embed: [V, H] contiguous; hidden: [R, H] raw
     previous-stage output; norm weights: [H]; w_proj: [H, 2H] contiguous; one float dtype.
-    Returns [R, H] (= mtp_input_ref). Grid at 7B: 8-column blocks (448 programs) at R <= 2;
+    Returns [R, H] (= mtp_input_ref). Grid at 7B: 4-column blocks (896 programs) at R <= 2;
     16-column tl.dot blocks split four ways along K (896 programs + the split-K epilogue) at
-    R = 3..16; one row block for up to 128 rows.
+    R = 3..16; one row block for up to 128 rows (split along K as `_tl.gemv_config` decides).
     """
     dtype = _tl.model_dtype("hidden", hidden)
     dev = hidden.device
