@@ -271,17 +271,18 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
 
     Broadcast path (1 or 2 rows): BLOCK_N is the largest of 64..min_block_n that still gives
     TARGET_PROGRAMS programs (N = 3584 at 7B: 4 rows, 896 programs, 6.8 per SM where 8 rows
-    would give 3.4: the busiest SM would stream 4 / 3.4 = 1.18x the mean); the [R, N, K] accumulator holds BROADCAST_TILE fp32 products
-    (64 registers per thread at 4 warps), preferring K steps of >= 256 columns (512 contiguous
-    bytes per weight row, 16-byte vector loads) over a wide BLOCK_N.
+    would give 3.4: the busiest SM would stream 4 / 3.4 = 1.18x the mean); the [R, N, K]
+    accumulator holds BROADCAST_TILE fp32 products (64 registers per thread at 4 warps),
+    preferring K steps of >= 256 columns (512 contiguous bytes per weight row, 16-byte vector
+    loads) over a wide BLOCK_N.
 
     tl.dot path: BLOCK_R = 16..128 rows, BLOCK_K = 128 (a [16, 128] bf16 weight tile is 16 bytes
     per thread at 4 warps: one 128-bit cp.async each); 8 warps from 64 rows on so that the
     [BLOCK_R, BLOCK_N] accumulators stay at <= 64 registers per thread. `normed` (the kernel
     builds its activation chunk in registers: RMSNorm prologues) bounds that fp32 chunk to 32
     values per thread, so at 128 rows BLOCK_K = 64 and BLOCK_N >= 32 (mtp_input: 227 -> 127
-    registers, 1 -> 2 programs per SM). Three pipeline stages:
-    the weight tiles of steps k+1 and k+2 are in flight (cp.async) while step k multiplies.
+    registers, 1 -> 2 programs per SM). Three pipeline stages: the weight tiles of steps k+1
+    and k+2 are in flight (cp.async) while step k multiplies.
 
     Split-K (tl.dot path; decode/MCTP steps of 3-16 rows): at the 7B shapes a narrow projection
     (N = 3584: o_proj, down_proj, mtp_input) has 3584 / 16 = 224 tiles of tl.dot's minimum 16
@@ -335,10 +336,13 @@ def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
         for splits in (2, 4, 8):
             if block_r > 16 and splits * rows * 16 > k:
                 break  # partials (splits x R x N x 4 B) would pass 1/8 of the bf16 weight bytes
+            # A shorter K step where K does not divide evenly, down to 16 (tl.dot's minimum) and,
+            # on a GPU, to no fewer than 8 weights per thread (16-byte loads).
+            shortest = max(16, 8 * 32 * num_warps // block_n) if device_type == "cuda" else 16
             step = block_k
-            while step >= 16 and (k % (splits * step) or split_align % (k // splits)):
+            while step >= shortest and (k % (splits * step) or split_align % (k // splits)):
                 step //= 2
-            if step < 16:
+            if step < shortest:
                 continue
             split_k, block_k = splits, step
             if triton.cdiv(n, block_n) * splits >= target:

@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="CUDA compute capabilities (90 80)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     parser.add_argument("--report", metavar="DIR", help="write report.md and report.json (first arch) to DIR")
-    parser.add_argument("--only", nargs="+", metavar="LABEL", help='only these variants, by label ("gate_up bf16 R=16")')
+    parser.add_argument("--only", nargs="+", metavar="LABEL",
+                        help='only these variants, by label ("gate_up bf16 R=16")')
     args = parser.parse_args(argv)
 
     # @triton.jit returns an interpreter object when TRITON_INTERPRET is set at decoration time.

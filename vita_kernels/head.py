@@ -202,8 +202,8 @@ def head_argmax(
     x: [R, H]; norm_weight: [H]; w_head: [V, H] contiguous; one dtype. Returns [R] int64.
     Two launches: the head GEMV leaves per-block (max, first id) in an [R, V / BLOCK_N]
     workspace, then one program per row reduces it; no atomics, so the result is deterministic.
-    The workspace (8 bytes per vocabulary block: 42 KB per row at 7B, R = 1) is allocated per call: inside a CUDA graph capture it
-    comes from the graph's private pool.
+    The workspace (8 bytes per vocabulary block: 42 KB per row at 7B, R = 1) is allocated per
+    call: inside a CUDA graph capture it comes from the graph's private pool.
     """
     dtype, dev, rows, vocab, hidden = _check(x, norm_weight, w_head)
     if out is None:
