@@ -10,18 +10,23 @@ normalised twice) from rows that stay in L2. The helpers below are that common c
   rounding points. The CPU interpreter truncates fp32 -> bf16, so there it rounds on the bits.
 - `apply_rmsnorm`, `load_normed`, `row_rstd`: Qwen2's RMSNorm `w * (x * rstd).to(dtype)`
   with the reference's two roundings.
-- `tile_dot`: acc[R, N] += X[R, K] @ W[N, K]^T, broadcast-multiply-sum for few rows and
-  tl.dot (tensor cores) for >= 16 padded rows.
-- `gemv_accumulate`: the K loop over one or two weight row sets.
+- `tile_dot`: acc[R, N] += X[R, K] @ W[N, K]^T on tensor cores (tl.dot) for >= 16 padded rows.
+- `gemv_accumulate`: the K loop over one or two weight row sets. With 1 or 2 rows it keeps a
+  [BLOCK_R, BLOCK_N, BLOCK_K] fp32 accumulator of per-lane products and reduces over K once,
+  after the loop: no cross-lane shuffle inside the loop, which is then loads + FMAs only.
 
-The Python half validates launcher arguments with errors that name the argument, picks block
-sizes so that the 7B shapes give enough programs for 132 SMs, and builds AOT signatures.
+The Python half validates launcher arguments with errors that name the argument, picks the
+launch configuration (`gemv_config`: row block up to 128 rows so that a prefill chunk of up to
+128 rows streams every weight once, block sizes, warps, pipeline stages, split-K) and describes
+each launch as a `Launch` (kernel, grid, arguments) that the launchers run and that the AOT
+build and the geometry tests inspect without a GPU.
 """
 from __future__ import annotations
 
 import os
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -37,11 +42,23 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # weight tiles with a few loads in flight even where programs finish unevenly. The CPU
 # interpreter runs programs one after another (~5-10 ms each): there a handful, which still
 # exercises every multi-block and tail path, is the right number.
-TARGET_PROGRAMS = {"cuda": 4 * 132, "cpu": 8}
+SMS = 132  # H100 / H200
+TARGET_PROGRAMS = {"cuda": 4 * SMS, "cpu": 8}
+
+
+def sm_balance(programs: int) -> float:
+    """Mean programs per SM over the busiest SM's count: the fraction of the streaming time in
+    which every SM is busy (1.0 when programs divide evenly over the 132 SMs)."""
+    per_sm = programs / SMS
+    return per_sm / -(-programs // SMS)
 # fp32 products one program holds per K step on the broadcast path (64 registers per thread at
 # 4 warps): bounds BLOCK_R * BLOCK_N * BLOCK_K.
 BROADCAST_TILE = 8192
-NUM_WARPS = 4  # what the launchers use; also triton.compile's default, so AOT builds match
+NUM_WARPS = 4  # the broadcast path's warps (and qkv_rope's); also triton.compile's default
+# The largest row block: one program multiplies up to 128 activation rows by its weight tile,
+# so any step of <= 128 rows reads each weight element once. Beyond that a row grid axis
+# re-streams the weights once per 128 rows (a 512-row prefill reads them 4 times).
+MAX_BLOCK_R = 128
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -106,28 +123,40 @@ def row_rstd(x_rows, row_mask, K: tl.constexpr, eps, rstd_a, w_a_ptr, NORMS: tl.
 
 @triton.jit
 def tile_dot(acc, x, w):
-    """acc[BR, BN] += x[BR, BK] @ w[BN, BK]^T in fp32.
+    """acc[BR, BN] += x[BR, BK] @ w[BN, BK]^T in fp32 on tensor cores (BR >= 16 padded rows).
 
-    x: fp32 values already rounded to the model dtype; w: a weight tile as loaded. With >= 16
-    (padded) rows the product runs on tensor cores (tl.dot, operands in the model dtype, which
-    is exact since x is already rounded; fp32 models use IEEE fp32, not TF32). With fewer rows
-    a broadcast-multiply-sum on CUDA cores wastes nothing on padding. The interpreter gets fp32
-    operands: its bf16 arithmetic is garbage, and its fp32 dot is exact.
+    x: fp32 values already rounded to the model dtype; w: a weight tile as loaded. The product
+    runs in the model dtype (exact, since x is already rounded; fp32 models use IEEE fp32, not
+    TF32). The interpreter gets fp32 operands: its bf16 arithmetic is garbage, and its fp32 dot
+    is exact.
     """
-    if x.shape[0] >= 16:
-        if INTERPRET:
-            a = x
-            b = w.to(tl.float32)
-        else:
-            a = x.to(w.dtype)
-            b = w
-        if a.dtype == tl.float32:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
+    if INTERPRET:
+        a = x
+        b = w.to(tl.float32)
     else:
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        a = x.to(w.dtype)
+        b = w
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, tl.trans(b), acc)
     return acc
+
+
+@triton.jit
+def load_weight(w_rows, cols, n_mask, col_mask, EVEN_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile at columns `cols` of the rows at `w_rows`.
+
+    Weights are streamed once per step and never reused, so they are loaded evict-first: the
+    activations, norm weights and split-K partials that every program re-reads keep the L2.
+    EVEN_K (BLOCK_K divides the K range): no column mask, so the only mask is per weight row and
+    is constant along the row, which lets the compiler emit 16-byte vector loads.
+    """
+    if EVEN_K:
+        mask = n_mask[:, None]
+    else:
+        mask = n_mask[:, None] & col_mask[None, :]
+    return tl.load(w_rows[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -136,20 +165,40 @@ def gemv_accumulate(acc_a, acc_b, x_rows, row_mask, w_rows_a, w_rows_b, n_mask, 
                     BLOCK_K: tl.constexpr):
     """acc_a += X @ W_a[:, w_k0:w_k0+K]^T (and acc_b with W_b when TWO), X = load_normed(x, NORMS).
 
-    w_rows_a/b: [BLOCK_N] pointers to weight rows (64-bit offsets computed by the caller). Each
-    weight element is read exactly once; the activation chunk is built once per K step and
-    shared by both weight tiles.
+    acc_a/b: [BLOCK_R, BLOCK_N] fp32; w_rows_a/b: [BLOCK_N] pointers to weight rows (64-bit
+    offsets computed by the caller). Each weight element is read exactly once; the activation
+    chunk is built once per K step and shared by both weight tiles.
+
+    BLOCK_R >= 16: tl.dot per K step. BLOCK_R < 16 (the decode GEMV): each lane keeps its own
+    fp32 products in a [BLOCK_R, BLOCK_N, BLOCK_K] accumulator, so the K loop is vector loads
+    and FMAs only; the reduction over K (the only cross-lane shuffles) runs once, after the loop.
     """
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        x = load_normed(x_rows, row_mask, cols, col_mask, rstd_a, w_a_ptr, rstd_b, w_b_ptr, NORMS)
-        w_mask = n_mask[:, None] & col_mask[None, :]
-        w_a = tl.load(w_rows_a[:, None] + (w_k0 + cols)[None, :], mask=w_mask, other=0.0)
-        acc_a = tile_dot(acc_a, x, w_a)
+    BLOCK_R: tl.constexpr = acc_a.shape[0]
+    BLOCK_N: tl.constexpr = acc_a.shape[1]
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
+    if BLOCK_R >= 16:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            x = load_normed(x_rows, row_mask, cols, col_mask, rstd_a, w_a_ptr, rstd_b, w_b_ptr, NORMS)
+            acc_a = tile_dot(acc_a, x, load_weight(w_rows_a, w_k0 + cols, n_mask, col_mask, EVEN_K))
+            if TWO:
+                acc_b = tile_dot(acc_b, x, load_weight(w_rows_b, w_k0 + cols, n_mask, col_mask, EVEN_K))
+    else:
+        wide_a = tl.zeros([BLOCK_R, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        wide_b = tl.zeros([BLOCK_R, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            x = load_normed(x_rows, row_mask, cols, col_mask, rstd_a, w_a_ptr, rstd_b, w_b_ptr, NORMS)[:, None, :]
+            w_a = load_weight(w_rows_a, w_k0 + cols, n_mask, col_mask, EVEN_K).to(tl.float32)
+            wide_a += x * w_a[None, :, :]
+            if TWO:
+                w_b = load_weight(w_rows_b, w_k0 + cols, n_mask, col_mask, EVEN_K).to(tl.float32)
+                wide_b += x * w_b[None, :, :]
+        acc_a += tl.sum(wide_a, axis=2)
         if TWO:
-            w_b = tl.load(w_rows_b[:, None] + (w_k0 + cols)[None, :], mask=w_mask, other=0.0)
-            acc_b = tile_dot(acc_b, x, w_b)
+            acc_b += tl.sum(wide_b, axis=2)
     return acc_a, acc_b
 
 
@@ -157,9 +206,11 @@ def gemv_accumulate(acc_a, acc_b, x_rows, row_mask, w_rows_a, w_rows_b, n_mask, 
 
 
 def row_block(rows: int) -> int:
-    """Activation rows per program: 1, 2 or 4 on the broadcast path; 16 (tl.dot) beyond 4 rows.
+    """Activation rows per program of `gemv_blocks`: 1, 2 or 4 on the broadcast path; 16
+    (tl.dot) beyond 4 rows.
 
-    More than 16 rows (prefill) take several row blocks, each streaming the weight again.
+    More than 16 rows (prefill) take several row blocks, each streaming the weight again; the
+    read-once launchers use `gemv_row_block` / `gemv_config` instead.
     """
     if rows <= 4:
         return triton.next_power_of_2(max(rows, 1))
@@ -167,7 +218,8 @@ def row_block(rows: int) -> int:
 
 
 def gemv_blocks(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min_block_n: int = 8) -> dict:
-    """BLOCK_R / BLOCK_N / BLOCK_K for a GEMV of `rows` rows over an [n, k] weight.
+    """BLOCK_R / BLOCK_N / BLOCK_K for a GEMV of `rows` rows over an [n, k] weight, in row
+    tiles of at most 16 (`row_block`), launched with NUM_WARPS and the default pipeline.
 
     `tiles`: weight tiles per K step (2 for gate+up or the rotate-half pairs). BLOCK_N is the
     largest of 64..min_block_n that still gives TARGET_PROGRAMS[device_type] programs; the broadcast path
@@ -189,6 +241,164 @@ def gemv_blocks(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min
         block_k = max(32, min(1024, BROADCAST_TILE // (block_r * block_n * tiles)))
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def gemv_row_block(rows: int) -> int:
+    """Activation rows per program for the read-once launchers: 1 or 2 on the broadcast path;
+    16, 32, 64 or 128 (tl.dot) from 3 rows on, so one program covers up to 128 rows.
+
+    Why tl.dot already at 3-4 rows, padding to 16: the broadcast path holds R x BLOCK_N x
+    BLOCK_K fp32 products per program, so at 4 rows its weight tile per K step is a quarter of
+    the 1-row tile (4 KB at 7B) and the SM keeps ~16 KB of weights in flight; the tl.dot path's
+    accumulator is only R x BLOCK_N, its weight tiles stream through shared memory as 16-byte
+    cp.async two steps ahead (48-57 KB in flight per SM at 7B, see the static report), and
+    the padded MMA work is free in a memory-bound loop.
+    """
+    if rows <= 2:
+        return max(rows, 1)
+    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rows)))
+
+
+def gemv_config(device_type: str, rows: int, n: int, k: int, tiles: int = 1, min_block_n: int = 4,
+                split_align: int | None = None, normed: bool = False) -> dict:
+    """The launch configuration of a read-once GEMV of `rows` rows over an [n, k] weight.
+
+    Returns BLOCK_R, BLOCK_N, BLOCK_K, STATS_K (columns per step of the RMS statistics), SPLIT_K
+    (programs along K per weight tile; 1 = no split) and the launch options num_warps and
+    num_stages. `tiles`: weight tiles per K step (2 for gate + up). `split_align`: None forbids
+    split-K (the op has no split epilogue); otherwise every K range must start at a multiple
+    of it (mtp_input: H, so a range never straddles its two normalised halves).
+
+    Broadcast path (1 or 2 rows): BLOCK_N is the largest of 64..min_block_n that still gives
+    TARGET_PROGRAMS programs (N = 3584 at 7B: 4 rows, 896 programs, 6.8 per SM where 8 rows
+    would give 3.4: the busiest SM would stream 4 / 3.4 = 1.18x the mean); the [R, N, K]
+    accumulator holds BROADCAST_TILE fp32 products (64 registers per thread at 4 warps),
+    preferring K steps of >= 256 columns (512 contiguous bytes per weight row, 16-byte vector
+    loads) over a wide BLOCK_N.
+
+    tl.dot path: BLOCK_R = 16..128 rows, BLOCK_K = 128 (a [16, 128] bf16 weight tile is 16 bytes
+    per thread at 4 warps: one 128-bit cp.async each); 8 warps from 64 rows on so that the
+    [BLOCK_R, BLOCK_N] accumulators stay at <= 64 registers per thread. `normed` (the kernel
+    builds its activation chunk in registers: RMSNorm prologues) bounds that fp32 chunk to 32
+    values per thread, so at 128 rows BLOCK_K = 64 and BLOCK_N >= 32 (mtp_input: 227 -> 127
+    registers, 1 -> 2 programs per SM). Three pipeline stages: the weight tiles of steps k+1
+    and k+2 are in flight (cp.async) while step k multiplies.
+
+    Split-K (tl.dot path; decode/MCTP steps of 3-16 rows): at the 7B shapes a narrow projection
+    (N = 3584: o_proj, down_proj, mtp_input) has 3584 / 16 = 224 tiles of tl.dot's minimum 16
+    columns: 1.7 programs per SM of 132, so 40 SMs stream one tile while 92 stream two (85% of
+    the machine at best) and an SM holds 1-2 programs' loads in flight. Four K ranges give 896
+    programs (6.8 per SM, 97% balanced, 4x the loads in flight) for 4 x 16 x 3584 x 4 B = 0.9 MB
+    of fp32 partials written and read back from L2 by a second, tiny launch (the reduction +
+    epilogue), against 25.7-136 MB of weights: ~3.5% more traffic and one more launch inside the
+    captured step graph. Larger row blocks (prefill chunks) split too while the partials stay
+    under 1/8 of the bf16 weight bytes (splits x R x 16 <= K): at R = 40 o_proj splits four ways
+    (4 x 40 x 3584 x 4 B = 2.3 MB of partials against 25.7 MB of weights), at R = 128 it does
+    not (K = 3584), while down_proj (K = 18944) still does.
+    """
+    block_r = gemv_row_block(rows)
+    target = TARGET_PROGRAMS[device_type]
+    if block_r < 16:
+        block_n = 64
+        while block_n > min_block_n and triton.cdiv(n, block_n) < target:
+            block_n //= 2
+        block_n = max(min_block_n, min(block_n, triton.next_power_of_2(n)))
+        while block_n > min_block_n and BROADCAST_TILE // (block_r * block_n * tiles) < 256:
+            block_n //= 2
+        block_k = max(64, min(1024, BROADCAST_TILE // (block_r * block_n * tiles)))
+        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+        num_warps, num_stages = NUM_WARPS, 1
+    else:
+        num_warps = 4 if block_r <= 32 else 8
+        threads = 32 * num_warps
+        block_k = 128
+        if normed:  # the normalised [BLOCK_R, BLOCK_K] fp32 chunk: <= 32 values per thread
+            block_k = min(block_k, 32 * threads // block_r)
+        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+        # 16-byte weight loads need >= 8 bf16 weights per thread in a [BLOCK_N, BLOCK_K] tile.
+        narrowest = max(16, 8 * threads // block_k)
+        # Accumulators: block_r * block_n * tiles fp32 values <= 64 per thread.
+        block_n = max(narrowest, min(64, 64 * threads // (block_r * tiles)))
+        while block_n > narrowest and triton.cdiv(n, block_n) < target:
+            block_n //= 2
+        block_n = max(16, min(block_n, triton.next_power_of_2(n)))
+        # Half-width tiles when they spread clearly more evenly over the SMs (gate_up at 3-32
+        # rows: 592 tiles of 32 columns load the busiest SM with 5 where the mean is 4.48, 1184
+        # of 16 with 9 where the mean is 8.97). Not from 64 rows on: there a program holds
+        # 130-170 registers, one or two fit per SM, and halving its tile halves the bytes the
+        # SM keeps in flight (gate_up at 40 rows: 32 -> 16 KB, per the static report).
+        if (device_type == "cuda" and block_r <= 32 and block_n // 2 >= narrowest
+                and sm_balance(triton.cdiv(n, block_n // 2)) > sm_balance(triton.cdiv(n, block_n)) + 0.02):
+            block_n //= 2
+        num_stages = 3
+    split_k = 1
+    if split_align is not None and block_r >= 16 and triton.cdiv(n, block_n) < target:
+        for splits in (2, 4, 8):
+            if block_r > 16 and splits * rows * 16 > k:
+                break  # partials (splits x R x N x 4 B) would pass 1/8 of the bf16 weight bytes
+            # A shorter K step where K does not divide evenly, down to 16 (tl.dot's minimum) and,
+            # on a GPU, to no fewer than 8 weights per thread (16-byte loads).
+            shortest = max(16, 8 * 32 * num_warps // block_n) if device_type == "cuda" else 16
+            step = block_k
+            while step >= shortest and (k % (splits * step) or split_align % (k // splits)):
+                step //= 2
+            if step < shortest:
+                continue
+            split_k, block_k = splits, step
+            if triton.cdiv(n, block_n) * splits >= target:
+                break
+    # Row statistics read [BLOCK_R, STATS_K] per step: few wide steps on the broadcast path (3584
+    # columns in one step at 1 row), bounded to 4096 fp32 values in registers; on the tl.dot
+    # path the K step's own width, whose [>= 16, 128] chunk is already 2048+ values (wider
+    # chunks spill in mtp_input, which keeps three sets of row statistics live).
+    stats_k = block_k if block_r >= 16 else max(block_k, min(triton.next_power_of_2(k), 4096 // block_r))
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, STATS_K=stats_k, SPLIT_K=split_k,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher issues it: `kernel[grid](*args, **kwargs)`.
+
+    kwargs hold the constexprs and the launch options (num_warps, num_stages). The AOT build
+    compiles exactly this (through the JIT's own argument specialisation), and the geometry
+    tests read grid and constexprs from it, so neither can drift from what runs.
+    """
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def run_launches(launches: list[Launch]) -> None:
+    for launch in launches:
+        launch()
+
+
+# Row counts the AOT build compiles at the 7B shapes: decode (1), the MCTP steps (2, 4 and
+# Turbo/Boost's 11 and 14), the 16-row block edge, prefill chunks (32, 40, 128); bf16, and
+# fp16 once.
+AOT_ROWS = ((torch.bfloat16, (1, 2, 4, 11, 14, 16, 32, 40, 128)), (torch.float16, (1,)))
+
+
+def meta_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A storage-less tensor (data_ptr 0: 16-byte aligned, as CUDA allocations are) to plan with."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def aot_row_launches(label: str, planner: Callable[[int, torch.dtype], list[Launch]]) -> list[tuple[str, Launch]]:
+    """(label, launch) for every dtype and row count of AOT_ROWS; planner(rows, dtype) plans one
+    step with meta tensors."""
+    return [(f"{label} {triton_type(dtype)} R={rows}", launch)
+            for dtype, row_counts in AOT_ROWS for rows in row_counts for launch in planner(rows, dtype)]
+
+
+def row_grid(rows: int, block_r: int) -> int:
+    """Row blocks of a launch: 1 for any step of <= MAX_BLOCK_R rows."""
+    return triton.cdiv(rows, block_r)
 
 
 def expect(name: str, t, shape, dtype: torch.dtype, device: torch.device, contiguous: bool = False) -> None:

@@ -34,14 +34,16 @@ def norm_gate_up_ref(
 
 @triton.jit
 def _norm_gate_up_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, R, I, eps, stride_xr, stride_or,
-                         H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         STATS_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x MLP columns n in [pid_n * BLOCK_N, +BLOCK_N),
     with two accumulators: gate rows n and up rows I + n of w_gate_up, so the SiLU * up epilogue
-    needs nothing from another program.
+    needs nothing from another program. (SPLIT_K is always 1: I = 18944 gives enough tiles.)
 
-    Traffic: the [2I, H] weight once (the floor), x rows and norm weight from L2 (the RMS
-    statistics are recomputed per program instead of a separate norm launch + round trip), R * I
-    outputs. The normalised activations are never written.
+    Traffic: the [2I, H] weight once (the floor: one row block for <= 128 rows), x rows and norm
+    weight from L2 (the RMS statistics are recomputed per program, STATS_K columns per step,
+    instead of a separate norm launch + round trip), R * I outputs. The normalised activations
+    are never written.
     """
     pid_n = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -49,8 +51,9 @@ def _norm_gate_up_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, R, I, eps, stride_xr
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < I
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    x_rows = x_ptr + rows * stride_xr
-    rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=BLOCK_K)
+    rows64 = rows.to(tl.int64)
+    x_rows = x_ptr + rows64 * stride_xr
+    rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=STATS_K)
     gate_rows = w_ptr + n.to(tl.int64) * H
     up_rows = w_ptr + (n + I).to(tl.int64) * H
     acc_gate = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
@@ -62,11 +65,23 @@ def _norm_gate_up_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, R, I, eps, stride_xr
     up = _tl.round_to(acc_up, dtype)
     y = _tl.round_to(_tl.round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
     mask = row_mask[:, None] & n_mask[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_or + n[None, :], y, mask=mask)
+    tl.store(out_ptr + rows64[:, None] * stride_or + n[None, :], y, mask=mask)
 
 
-def _config(device_type: str, rows: int, intermediate: int, hidden: int) -> dict:
-    return dict(H=hidden, **_tl.gemv_blocks(device_type, rows, intermediate, hidden, tiles=2))
+def config(target: str, rows: int, intermediate: int, hidden: int) -> dict:
+    """Launch configuration of `norm_gate_up` on `target` ("cuda", or "cpu": the interpreter)."""
+    return dict(H=hidden, **_tl.gemv_config(target, rows, intermediate, hidden, tiles=2, normed=True))
+
+
+def plan(x: torch.Tensor, norm_weight: torch.Tensor, w_gate_up: torch.Tensor, eps: float, out: torch.Tensor,
+         target: str | None = None) -> list[_tl.Launch]:
+    """The launch `norm_gate_up` issues for validated, unit-stride tensors (meta tensors work)."""
+    rows, (two_i, hidden) = x.shape[0], w_gate_up.shape
+    inter = two_i // 2
+    cfg = config(target or x.device.type, rows, inter, hidden)
+    grid = (triton.cdiv(inter, cfg["BLOCK_N"]), _tl.row_grid(rows, cfg["BLOCK_R"]))
+    return [_tl.Launch(_norm_gate_up_kernel, grid,
+                       (x, norm_weight, w_gate_up, out, rows, inter, float(eps), x.stride(0), out.stride(0)), cfg)]
 
 
 def norm_gate_up(
@@ -79,8 +94,8 @@ def norm_gate_up(
     """y = silu(h @ W_gate^T) * (h @ W_up^T), h = rmsnorm(x): one fused Triton GEMV (= norm_gate_up_ref).
 
     x: [R, H]; norm_weight: [H]; w_gate_up: [2I, H] contiguous (gate rows, then up rows); one
-    dtype. Returns [R, I]. Grid at 7B (I = 18944): 32-column blocks of gate and up (592
-    programs) at R <= 4, 32 with tl.dot at R > 4.
+    dtype. Returns [R, I]. Grid at 7B (I = 18944): 8-column blocks of gate and up (2368
+    programs) at R = 1 (2368 at R = 2); tl.dot blocks of 16-32 columns beyond, one row block for <= 128 rows.
     """
     dtype = _tl.model_dtype("x", x)
     dev = x.device
@@ -98,20 +113,18 @@ def norm_gate_up(
         _tl.expect_out("out", out, [rows, inter], dtype, dev)
     if rows == 0 or inter == 0:
         return out
-    x = _tl.unit_stride(x)
-    cfg = _config(dev.type, rows, inter, hidden)
-    grid = (triton.cdiv(inter, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_R"]))
-    _norm_gate_up_kernel[grid](x, norm_weight, w_gate_up, out, rows, inter, float(eps), x.stride(0), out.stride(0),
-                               num_warps=_tl.NUM_WARPS, **cfg)
+    _tl.run_launches(plan(_tl.unit_stride(x), norm_weight, w_gate_up, eps, out))
     return out
 
 
-def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs) at the 7B MLP shape."""
+def aot_launches() -> list[tuple[str, _tl.Launch]]:
+    """(label, launch) at the 7B MLP shape for every AOT row count."""
     geom = GEOMETRIES["7b"]
-    return _tl.aot_row_variants(_norm_gate_up_kernel,
-                                lambda p: dict(x_ptr=p, norm_w_ptr=p, w_ptr=p, out_ptr=p, eps="fp32"),
-                                lambda rows: _config("cuda", rows, geom.intermediate, geom.hidden))
+    h, i = geom.hidden, geom.intermediate
+    meta = _tl.meta_tensor
+    return _tl.aot_row_launches("gate_up", lambda rows, dtype: plan(
+        meta((rows, h), dtype), meta((h,), dtype), meta((2 * i, h), dtype), geom.eps, meta((rows, i), dtype),
+        target="cuda"))
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:

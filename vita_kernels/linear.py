@@ -33,36 +33,127 @@ def linear_ref(
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, R, N, stride_xr, stride_rr, stride_or,
+def linear_epilogue(acc, rows, row_mask, n, n_mask, b_ptr, res_ptr, out_ptr, stride_rr, stride_or,
+                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """out[rows, n] = round(residual + round(acc + bias)): F.linear's rounding, then the residual
+    add's. acc: [BR, BN] fp32 products."""
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    if HAS_BIAS:  # F.linear adds the bias to the fp32 accumulator and rounds once
+        acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = _tl.round_to(acc, dtype)
+    mask = row_mask[:, None] & n_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    if HAS_RESIDUAL:  # residual + rounded projection, rounded again
+        res = tl.load(res_ptr + rows64[:, None] * stride_rr + n[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = _tl.round_to(res + y, dtype)
+    tl.store(out_ptr + rows64[:, None] * stride_or + n[None, :], y, mask=mask)
+
+
+@triton.jit
+def store_partial(part_ptr, acc, rows, row_mask, n, n_mask, R, N):
+    """Split-K: this program's fp32 products into partials[pid_k, rows, n] ([SPLIT_K, R, N])."""
+    at = (tl.program_id(2) * R + rows).to(tl.int64)[:, None] * N + n[None, :]
+    tl.store(part_ptr + at, acc, mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, part_ptr, R, N, stride_xr, stride_rr, stride_or,
                    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x output columns [pid_n * BLOCK_N, +BLOCK_N).
+                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
+    """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x output columns [pid_n * BLOCK_N, +BLOCK_N)
+    x (SPLIT_K > 1) the K range [pid_k * K / SPLIT_K, +K / SPLIT_K).
+
+    SPLIT_K = 1 applies the epilogue; otherwise the fp32 products go to the partials workspace
+    and `_split_k_epilogue_kernel` sums them in a fixed order and applies it.
 
     Traffic: the [BLOCK_N, K] weight slab once (N * K * size over the grid: the floor, since
-    every weight is needed once), x rows from L2, R * N outputs (+ R * N residual, N bias).
+    every weight is needed once and the grid has one row block for <= 128 rows), x rows from L2,
+    R * N outputs (+ R * N residual, N bias); split-K adds SPLIT_K * R * N * 4 bytes of partials.
+    STATS_K is unused here (no norm prologue); the launchers share one configuration.
     """
     pid_n = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    K_SPLIT: tl.constexpr = K // SPLIT_K
+    k_lo = 0
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(2) * K_SPLIT
     w_rows = w_ptr + n.to(tl.int64) * K
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    acc, _ = _tl.gemv_accumulate(acc, acc, x_ptr + rows * stride_xr, row_mask, w_rows, w_rows, n_mask, K, 0,
-                                 acc, w_ptr, acc, w_ptr, NORMS=0, TWO=False, BLOCK_K=BLOCK_K)
-    if HAS_BIAS:  # F.linear adds the bias to the fp32 accumulator and rounds once
-        acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = _tl.round_to(acc, dtype)
-    mask = row_mask[:, None] & n_mask[None, :]
-    if HAS_RESIDUAL:  # residual + rounded projection, rounded again
-        res = tl.load(res_ptr + rows[:, None] * stride_rr + n[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = _tl.round_to(res + y, dtype)
-    tl.store(out_ptr + rows[:, None] * stride_or + n[None, :], y, mask=mask)
+    acc, _ = _tl.gemv_accumulate(acc, acc, x_ptr + rows.to(tl.int64) * stride_xr + k_lo, row_mask, w_rows, w_rows,
+                                 n_mask, K_SPLIT, k_lo, acc, w_ptr, acc, w_ptr, NORMS=0, TWO=False, BLOCK_K=BLOCK_K)
+    if SPLIT_K > 1:
+        store_partial(part_ptr, acc, rows, row_mask, n, n_mask, R, N)
+    else:
+        linear_epilogue(acc, rows, row_mask, n, n_mask, b_ptr, res_ptr, out_ptr, stride_rr, stride_or,
+                        HAS_BIAS, HAS_RESIDUAL)
 
 
-def _config(device_type: str, rows: int, n: int, k: int) -> dict:
-    return dict(K=k, **_tl.gemv_blocks(device_type, rows, n, k))
+@triton.jit
+def _split_k_epilogue_kernel(part_ptr, b_ptr, res_ptr, out_ptr, R, N, stride_rr, stride_or,
+                             SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """out[r, n] = epilogue(sum over s = 0..SPLIT_K-1 of partials[s, r, n]), in that order.
+
+    One program: one row x BLOCK columns. The fixed summation order (no atomics) makes the
+    result bitwise reproducible. Reads SPLIT_K * 4 bytes per output from L2 (the partials were
+    just written), writes the output once.
+    """
+    row = tl.program_id(1)
+    rows = row + tl.arange(0, 1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_mask = n < N
+    acc = tl.zeros([1, BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        at = (s * R + rows).to(tl.int64)[:, None] * N + n[None, :]
+        acc += tl.load(part_ptr + at, mask=n_mask[None, :], other=0.0)
+    linear_epilogue(acc, rows, rows < R, n, n_mask, b_ptr, res_ptr, out_ptr, stride_rr, stride_or,
+                    HAS_BIAS, HAS_RESIDUAL)
+
+
+# Columns per program of the split-K epilogue: 3584 columns in 4 programs per row at 7B.
+_EPILOGUE_BLOCK = {"cuda": 1024, "cpu": 32}
+
+
+def split_k_epilogue(target: str, partials: torch.Tensor, bias, residual, out: torch.Tensor,
+                     split_k: int) -> _tl.Launch:
+    """The second launch of a split-K GEMV: partials [SPLIT_K, R, N] fp32 -> out [R, N]."""
+    rows, n = out.shape
+    block = min(_EPILOGUE_BLOCK[target], triton.next_power_of_2(n))
+    return _tl.Launch(_split_k_epilogue_kernel, (triton.cdiv(n, block), rows),
+                      (partials, bias if bias is not None else out, residual if residual is not None else out, out,
+                       rows, n, residual.stride(0) if residual is not None else 0, out.stride(0)),
+                      dict(SPLIT_K=split_k, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                           BLOCK=block, num_warps=4))
+
+
+def config(target: str, rows: int, n: int, k: int) -> dict:
+    """Launch configuration (constexprs and options) of `linear` for `rows` x [n, k] on `target`
+    ("cuda" or "cpu", the interpreter)."""
+    return dict(K=k, **_tl.gemv_config(target, rows, n, k, split_align=k))
+
+
+def plan(x: torch.Tensor, weight: torch.Tensor, bias, residual, out: torch.Tensor,
+         target: str | None = None) -> list[_tl.Launch]:
+    """The launches `linear` issues for validated, unit-stride tensors (meta tensors work: the
+    AOT build and the geometry tests plan without a GPU). Allocates the split-K partials."""
+    target = target or x.device.type
+    rows, (n, k) = x.shape[0], weight.shape
+    cfg = config(target, rows, n, k)
+    split_k = cfg["SPLIT_K"]
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), _tl.row_grid(rows, cfg["BLOCK_R"]), split_k)
+    partials = torch.empty((split_k, rows, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    launches = [_tl.Launch(_linear_kernel, grid,
+                           (x, weight, bias if bias is not None else weight, residual if residual is not None else out,
+                            out, partials, rows, n, x.stride(0), residual.stride(0) if residual is not None else 0,
+                            out.stride(0)),
+                           dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **cfg))]
+    if split_k > 1:
+        launches.append(split_k_epilogue(target, partials, bias, residual, out, split_k))
+    return launches
 
 
 def linear(
@@ -75,8 +166,12 @@ def linear(
     """out = residual + (x @ W^T + bias).to(dtype): the fused Triton GEMV; same contract as linear_ref.
 
     x: [R, K]; weight: [N, K] contiguous; bias: [N]; residual: [R, N]; one dtype (fp32, bf16,
-    fp16). Returns [R, N] (or `out`). Grid at 7B (N = 3584): 8-row weight slabs at R <= 4 (448
-    programs), 16 with tl.dot beyond (224); x rows in blocks of 1/2/4/16.
+    fp16). Returns [R, N] (or `out`). Grid at 7B (N = 3584): 4-row weight slabs at R <= 2 (896
+    programs); at R = 3..16 16-row slabs with tl.dot, split four ways along K (896 programs +
+    the split-K epilogue launch); at R = 17..128 one row block of 32-128 rows covers all rows
+    (the weight is read once), split along K while the partials stay under 1/8 of the weight
+    bytes (see `_tl.gemv_config`). The split-K partials ([SPLIT_K, R, N] fp32) are allocated
+    per call: inside a CUDA graph capture they come from the graph's private pool.
     """
     dtype = _tl.model_dtype("x", x)
     dev = x.device
@@ -95,27 +190,22 @@ def linear(
         _tl.expect_out("out", out, [rows, n], dtype, dev)
     if rows == 0 or n == 0:
         return out
-    x = _tl.unit_stride(x)
-    cfg = _config(dev.type, rows, n, k)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_R"]))
-    _linear_kernel[grid](x, weight, bias if bias is not None else weight,
-                         residual if residual is not None else out, out, rows, n, x.stride(0),
-                         residual.stride(0) if residual is not None else 0, out.stride(0),
-                         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                         num_warps=_tl.NUM_WARPS, **cfg)
+    _tl.run_launches(plan(_tl.unit_stride(x), weight, bias, residual, out))
     return out
 
 
-def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs) for the 7B projections: o_proj and down_proj with the
-    residual, a biased projection (k/v-sized)."""
+def aot_launches() -> list[tuple[str, _tl.Launch]]:
+    """(label, launch) for the 7B projections at every AOT row count: o_proj and down_proj with
+    the residual, a biased k/v-sized projection."""
     geom = GEOMETRIES["7b"]
-    shapes = [(geom.num_heads * geom.head_dim, geom.hidden, False, True),
-              (geom.intermediate, geom.hidden, False, True),
-              (geom.hidden, geom.num_kv_heads * geom.head_dim, True, False)]
-    return [variant for k, n, has_bias, has_res in shapes for variant in _tl.aot_row_variants(
-        _linear_kernel, lambda p: dict(x_ptr=p, w_ptr=p, b_ptr=p, res_ptr=p, out_ptr=p),
-        lambda rows, k=k, n=n, b=has_bias, r=has_res: dict(_config("cuda", rows, n, k), HAS_BIAS=b, HAS_RESIDUAL=r))]
+    meta = _tl.meta_tensor
+    shapes = [("o_proj", geom.num_heads * geom.head_dim, geom.hidden, False, True),
+              ("down_proj", geom.intermediate, geom.hidden, False, True),
+              ("k_proj", geom.hidden, geom.num_kv_heads * geom.head_dim, True, False)]
+    return [item for label, k, n, has_bias, has_res in shapes for item in _tl.aot_row_launches(
+        label, lambda rows, dtype, k=k, n=n, b=has_bias, r=has_res: plan(
+            meta((rows, k), dtype), meta((n, k), dtype), meta((n,), dtype) if b else None,
+            meta((rows, n), dtype) if r else None, meta((rows, n), dtype), target="cuda"))]
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:

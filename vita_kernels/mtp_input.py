@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from vita_kernels import _tl
+from vita_kernels.linear import split_k_epilogue, store_partial
 from vita_kernels.norm import rmsnorm_ref
 from vita_kernels.registry import GEOMETRIES, Case, Geometry, OpSpec, norm_weight, randn, weight
 
@@ -43,14 +44,17 @@ def mtp_input_ref(
 
 
 @triton.jit
-def _mtp_input_kernel(ids_ptr, embed_ptr, hidden_ptr, final_w_ptr, emb_w_ptr, hid_w_ptr, w_ptr, out_ptr,
+def _mtp_input_kernel(ids_ptr, embed_ptr, hidden_ptr, final_w_ptr, emb_w_ptr, hid_w_ptr, w_ptr, out_ptr, part_ptr,
                       R, V, eps, stride_hr, stride_or,
-                      H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x output columns [pid_n * BLOCK_N, +BLOCK_N).
+                      H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      STATS_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x output columns [pid_n * BLOCK_N, +BLOCK_N)
+    x (SPLIT_K > 1) one K range of 2H / SPLIT_K columns, inside one half.
 
     The concat is never built: K in [0, H) multiplies rmsnorm(E[ids], w_emb) by W_proj[:, :H],
     K in [H, 2H) multiplies rmsnorm(rmsnorm(hidden, w_final), w_hid) by W_proj[:, H:]. Row
     statistics: the embedding rows, the raw hidden rows, then the rounded first norm's output.
+    SPLIT_K > 1 writes fp32 partials; linear's split-K epilogue sums them and rounds.
 
     Traffic: W_proj once (2 H^2 elements, 51 MB at 7B: the floor), R embedding rows gathered
     straight from E (no gathered copy), R hidden rows and three norm weights from L2, R * H
@@ -65,22 +69,58 @@ def _mtp_input_kernel(ids_ptr, embed_ptr, hidden_ptr, final_w_ptr, emb_w_ptr, hi
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0)
     emb_mask = row_mask & (ids >= 0) & (ids < V)  # an out-of-range id reads a zero row, never out of bounds
     emb_rows = embed_ptr + ids.to(tl.int64) * H  # 64-bit: V * H can exceed 2^31 elements
-    hid_rows = hidden_ptr + rows * stride_hr
-    rstd_emb = _tl.row_rstd(emb_rows, emb_mask, H, eps, eps, emb_w_ptr, NORMS=0, BLOCK_K=BLOCK_K)
-    rstd_final = _tl.row_rstd(hid_rows, row_mask, H, eps, eps, final_w_ptr, NORMS=0, BLOCK_K=BLOCK_K)
-    rstd_hid = _tl.row_rstd(hid_rows, row_mask, H, eps, rstd_final, final_w_ptr, NORMS=1, BLOCK_K=BLOCK_K)
+    hid_rows = hidden_ptr + rows.to(tl.int64) * stride_hr
+    rstd_emb = _tl.row_rstd(emb_rows, emb_mask, H, eps, eps, emb_w_ptr, NORMS=0, BLOCK_K=STATS_K)
+    rstd_final = _tl.row_rstd(hid_rows, row_mask, H, eps, eps, final_w_ptr, NORMS=0, BLOCK_K=STATS_K)
+    rstd_hid = _tl.row_rstd(hid_rows, row_mask, H, eps, rstd_final, final_w_ptr, NORMS=1, BLOCK_K=STATS_K)
     w_rows = w_ptr + n.to(tl.int64) * (2 * H)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    acc, _ = _tl.gemv_accumulate(acc, acc, emb_rows, emb_mask, w_rows, w_rows, n_mask, H, 0,
-                                 rstd_emb, emb_w_ptr, rstd_emb, emb_w_ptr, NORMS=1, TWO=False, BLOCK_K=BLOCK_K)
-    acc, _ = _tl.gemv_accumulate(acc, acc, hid_rows, row_mask, w_rows, w_rows, n_mask, H, H,
-                                 rstd_final, final_w_ptr, rstd_hid, hid_w_ptr, NORMS=2, TWO=False, BLOCK_K=BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * stride_or + n[None, :], _tl.round_to(acc, dtype),
-             mask=row_mask[:, None] & n_mask[None, :])
+    if SPLIT_K == 1:
+        acc, _ = _tl.gemv_accumulate(acc, acc, emb_rows, emb_mask, w_rows, w_rows, n_mask, H, 0,
+                                     rstd_emb, emb_w_ptr, rstd_emb, emb_w_ptr, NORMS=1, TWO=False, BLOCK_K=BLOCK_K)
+        acc, _ = _tl.gemv_accumulate(acc, acc, hid_rows, row_mask, w_rows, w_rows, n_mask, H, H,
+                                     rstd_final, final_w_ptr, rstd_hid, hid_w_ptr, NORMS=2, TWO=False,
+                                     BLOCK_K=BLOCK_K)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + n[None, :], _tl.round_to(acc, dtype),
+                 mask=row_mask[:, None] & n_mask[None, :])
+    else:
+        HALF_SPLITS: tl.constexpr = SPLIT_K // 2
+        K_SPLIT: tl.constexpr = H // HALF_SPLITS
+        pid_k = tl.program_id(2)
+        k_lo = (pid_k % HALF_SPLITS) * K_SPLIT
+        if pid_k < HALF_SPLITS:
+            acc, _ = _tl.gemv_accumulate(acc, acc, emb_rows + k_lo, emb_mask, w_rows, w_rows, n_mask, K_SPLIT, k_lo,
+                                         rstd_emb, emb_w_ptr + k_lo, rstd_emb, emb_w_ptr + k_lo, NORMS=1, TWO=False,
+                                         BLOCK_K=BLOCK_K)
+        else:
+            acc, _ = _tl.gemv_accumulate(acc, acc, hid_rows + k_lo, row_mask, w_rows, w_rows, n_mask, K_SPLIT,
+                                         H + k_lo, rstd_final, final_w_ptr + k_lo, rstd_hid, hid_w_ptr + k_lo,
+                                         NORMS=2, TWO=False, BLOCK_K=BLOCK_K)
+        store_partial(part_ptr, acc, rows, row_mask, n, n_mask, R, H)
 
 
-def _config(device_type: str, rows: int, hidden: int) -> dict:
-    return dict(H=hidden, **_tl.gemv_blocks(device_type, rows, hidden, 2 * hidden))
+def config(target: str, rows: int, hidden: int) -> dict:
+    """Launch configuration of `mtp_input` on `target` ("cuda", or "cpu": the interpreter).
+    Split-K ranges never straddle the two halves (split_align = H)."""
+    return dict(H=hidden, **_tl.gemv_config(target, rows, hidden, 2 * hidden, split_align=hidden, normed=True))
+
+
+def plan(ids, embed, hidden, final_norm_weight, emb_norm_weight, hid_norm_weight, w_proj, eps, out,
+         target: str | None = None) -> list[_tl.Launch]:
+    """The launches `mtp_input` issues for validated tensors (meta tensors work). Allocates the
+    split-K partials."""
+    target = target or hidden.device.type
+    rows, (vocab, size) = hidden.shape[0], embed.shape
+    cfg = config(target, rows, size)
+    split_k = cfg["SPLIT_K"]
+    grid = (triton.cdiv(size, cfg["BLOCK_N"]), _tl.row_grid(rows, cfg["BLOCK_R"]), split_k)
+    partials = torch.empty((split_k, rows, size), dtype=torch.float32, device=hidden.device) if split_k > 1 else out
+    launches = [_tl.Launch(_mtp_input_kernel, grid,
+                           (ids, embed, hidden, final_norm_weight, emb_norm_weight, hid_norm_weight, w_proj, out,
+                            partials, rows, vocab, float(eps), hidden.stride(0), out.stride(0)), cfg)]
+    if split_k > 1:
+        launches.append(split_k_epilogue(target, partials, None, None, out, split_k))
+    return launches
 
 
 def mtp_input(
@@ -99,8 +139,9 @@ def mtp_input(
     ids: [R] int64 in [0, V) (checked on the device: an id outside reads a zero embedding, as
     a host check would synchronise); embed: [V, H] contiguous; hidden: [R, H] raw
     previous-stage output; norm weights: [H]; w_proj: [H, 2H] contiguous; one float dtype.
-    Returns [R, H] (= mtp_input_ref). Grid at 7B: 8-column blocks (448 programs) at R <= 4,
-    16 with tl.dot beyond (224).
+    Returns [R, H] (= mtp_input_ref). Grid at 7B: 4-column blocks (896 programs) at R <= 2;
+    16-column tl.dot blocks split four ways along K (896 programs + the split-K epilogue) at
+    R = 3..16; one row block for up to 128 rows (split along K as `_tl.gemv_config` decides).
     """
     dtype = _tl.model_dtype("hidden", hidden)
     dev = hidden.device
@@ -119,24 +160,20 @@ def mtp_input(
         _tl.expect_out("out", out, [rows, size], dtype, dev)
     if rows == 0 or size == 0:
         return out
-    hidden = _tl.unit_stride(hidden)
-    ids = ids.contiguous()
-    cfg = _config(dev.type, rows, size)
-    grid = (triton.cdiv(size, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_R"]))
-    _mtp_input_kernel[grid](ids, embed, hidden, final_norm_weight, emb_norm_weight, hid_norm_weight, w_proj, out,
-                            rows, vocab, float(eps), hidden.stride(0), out.stride(0),
-                            num_warps=_tl.NUM_WARPS, **cfg)
+    _tl.run_launches(plan(ids.contiguous(), embed, _tl.unit_stride(hidden), final_norm_weight, emb_norm_weight,
+                          hid_norm_weight, w_proj, eps, out))
     return out
 
 
-def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs) at H = 3584."""
+def aot_launches() -> list[tuple[str, _tl.Launch]]:
+    """(label, launch) at H = 3584 for every AOT row count."""
     geom = GEOMETRIES["7b"]
-    return _tl.aot_row_variants(
-        _mtp_input_kernel,
-        lambda p: dict(ids_ptr="*i64", embed_ptr=p, hidden_ptr=p, final_w_ptr=p, emb_w_ptr=p, hid_w_ptr=p, w_ptr=p,
-                       out_ptr=p, eps="fp32"),
-        lambda rows: _config("cuda", rows, geom.hidden))
+    h = geom.hidden
+    meta = _tl.meta_tensor
+    return _tl.aot_row_launches("mtp_input", lambda rows, dtype: plan(
+        meta((rows,), torch.int64), meta((geom.vocab, h), dtype), meta((rows, h), dtype), meta((h,), dtype),
+        meta((h,), dtype), meta((h,), dtype), meta((h, 2 * h), dtype), geom.eps, meta((rows, h), dtype),
+        target="cuda"))
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
