@@ -39,8 +39,8 @@ def test_the_reference_itself_passes(dtype):
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-3), (torch.bfloat16, 4 * 2.0**-7)],
                          ids=["fp32-1e-3", "bf16-4ulp"])
 def test_slightly_off_fails(dtype, rel):
-    def off(q, k_cache, v_cache, pos, out=None):
-        o = attention_ref(q, k_cache, v_cache, pos)
+    def off(q, k_cache, v_cache, cache_rows, positions, out=None, **kw):
+        o = attention_ref(q, k_cache, v_cache, cache_rows, positions, **kw)
         o = (o.float() * (1 + rel)).to(dtype)
         return out.copy_(o) if out is not None else o
 
@@ -49,13 +49,13 @@ def test_slightly_off_fails(dtype, rel):
 
 
 def test_nan_and_ignored_out_fail():
-    def nan(q, k_cache, v_cache, pos, out=None):
-        o = attention_ref(q, k_cache, v_cache, pos)
+    def nan(q, k_cache, v_cache, cache_rows, positions, out=None, **kw):
+        o = attention_ref(q, k_cache, v_cache, cache_rows, positions, **kw)
         o[0, 0] = float("nan")
         return out.copy_(o) if out is not None else o
 
-    def ignores_out(q, k_cache, v_cache, pos, out=None):
-        return attention_ref(q, k_cache, v_cache, pos)
+    def ignores_out(q, k_cache, v_cache, cache_rows, positions, out=None, **kw):
+        return attention_ref(q, k_cache, v_cache, cache_rows, positions, **kw)
 
     results = check.compare_impl(_with_impl("attention", nan), "fake", TINY, torch.float32, DEVICE,
                                  case_names=["R3-pos14"])
@@ -68,8 +68,8 @@ def test_nan_and_ignored_out_fail():
 
 
 def test_writing_an_input_fails():
-    def scribbles(q, k_cache, v_cache, pos, out=None):
-        o = attention_ref(q, k_cache, v_cache, pos, out)
+    def scribbles(q, k_cache, v_cache, cache_rows, positions, out=None, **kw):
+        o = attention_ref(q, k_cache, v_cache, cache_rows, positions, out, **kw)
         q.zero_()
         return o
 
@@ -104,8 +104,8 @@ def test_argmax_rule():
 def test_cli_exit_status_and_table(monkeypatch, capsys):
     import vita_kernels.registry as registry
 
-    def broken(q, k_cache, v_cache, pos, out=None):
-        return attention_ref(q, k_cache, v_cache, pos, out).mul_(2)
+    def broken(q, k_cache, v_cache, cache_rows, positions, out=None, **kw):
+        return attention_ref(q, k_cache, v_cache, cache_rows, positions, out, **kw).mul_(2)
 
     broken_spec, good_spec = _with_impl("attention", broken), _with_impl("attention", attention_ref)
     monkeypatch.setattr(registry, "ops", lambda: [broken_spec])
@@ -123,5 +123,5 @@ def test_cli_runs_the_triton_kernels_in_a_fresh_process():
                            "--dtype", "bf16", "--impl", "triton"], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("| attention | triton |") == 12  # 6 cases x (out= given, none)
+    assert proc.stdout.count("| attention | triton |") == 18  # 9 cases x (out= given, none)
     assert "12 comparisons" in proc.stdout and "0 failed" in proc.stdout

@@ -122,6 +122,37 @@ def row_rstd(x_rows, row_mask, K: tl.constexpr, eps, rstd_a, w_a_ptr, NORMS: tl.
 
 
 @triton.jit
+def last_to_arrive(counter_ptr, expected):
+    """Count this program's arrival at `counter_ptr` (int32); True for the last of `expected`
+    programs sharing it, which then owns the reduction of their partials (and resets the counter
+    to 0 for the next launch: counters are never cleared by a launch of their own).
+
+    The barrier orders every thread's partial stores before the arrival; the acq_rel atomic at
+    GPU scope publishes them and, for the last program, makes the others' visible. Programs of
+    one launch share a counter only within their reduction group; launches on one stream run
+    one after another, so consecutive launches may reuse the same counters.
+    """
+    tl.debug_barrier()
+    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = old == expected - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+def counters_for(groups: int, counters: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The arrival counters of a launch with `groups` reduction groups: the caller's persistent,
+    zeroed int32 buffer (the runtime keeps one per workspace, so a step launches no memset), or
+    a fresh zeroed one."""
+    if counters is None:
+        return torch.zeros(max(groups, 1), dtype=torch.int32, device=device)
+    if counters.dtype != torch.int32 or counters.device != torch.device(device) or counters.numel() < groups:
+        raise ValueError(f"counters must be an int32 tensor of at least {groups} elements on {device}, got "
+                         f"{counters.dtype} [{counters.numel()}] on {counters.device}")
+    return counters
+
+
+@triton.jit
 def tile_dot(acc, x, w):
     """acc[BR, BN] += x[BR, BK] @ w[BN, BK]^T in fp32 on tensor cores (BR >= 16 padded rows).
 

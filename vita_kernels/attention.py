@@ -23,6 +23,7 @@ def attention_ref(
     max_seq_rows: int | None = None,
     window: int | None = None,
     kv_splits: int | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o[r, h] = softmax(q[r, h] . K[g(h), a_r:c_r+1]^T / sqrt(d)) @ V[g(h), a_r:c_r+1], in fp32,
     with c_r = cache_rows[r] and a_r = c_r - positions[r].
@@ -33,7 +34,7 @@ def attention_ref(
     slots a_r..c_r, causally); g(h) = h // (nq / nkv). Returns [R, nq * d] in q's dtype. Slots
     outside a_r..c_r are masked, never read as data. `seqs` ([B, 2] int64: first row and row
     count of each sequence, rows of a sequence contiguous) and `max_seq_rows` (a bound on the
-    row counts) and `kv_splits` only shape the fused kernel's launch; the reference reads rows
+    row counts), `kv_splits` and `counters` only shape the fused kernel's launch; the reference reads rows
     individually.
     `window`: a static bound on positions[r] + 1; when given, each row reads only the `window`
     slots from its region's start (a gather), instead of scoring the whole cache.
@@ -91,7 +92,7 @@ def attention_ref(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, cache_rows_ptr, positions_ptr, seqs_ptr, out_ptr, part_ptr,
+    q_ptr, k_ptr, v_ptr, cache_rows_ptr, positions_ptr, seqs_ptr, out_ptr, part_ptr, counter_ptr,
     max_len, rows, num_q_heads, split_len,
     stride_qr, stride_qh, stride_qd,
     stride_kh, stride_ks, stride_kd,
@@ -106,7 +107,7 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs, "tf32" otherwise
-    SPLITS: tl.constexpr,  # KV splits: 1 writes `out`; more write partials for _combine_kernel
+    SPLITS: tl.constexpr,  # KV splits: 1 writes `out`; more write partials, merged by the last split
 ):
     BLOCK_M: tl.constexpr = BLOCK_R * HEADS_P
     CHUNKS: tl.constexpr = GROUP // HEADS
@@ -170,7 +171,8 @@ def _attention_kernel(
 
     if SPLITS == 1:
         # Rounded to nearest even through _tl.round_to: the CPU interpreter's own cast truncates.
-        o = _tl.round_to(acc / l_i[:, None], out_ptr.dtype.element_ty)
+        # l_i is 0 only in padding programs (no row of theirs is stored).
+        o = _tl.round_to(acc / tl.where(l_i > 0, l_i, 1.0)[:, None], out_ptr.dtype.element_ty)
         tl.store(out_ptr + row[:, None] * stride_or + (head[:, None] * HEAD_DIM + d[None, :]) * stride_oc,
                  o, mask=m_valid[:, None] & d_valid[None, :])
     else:
@@ -179,27 +181,30 @@ def _attention_kernel(
         tl.store(at[:, None] + d[None, :], acc, mask=m_valid[:, None] & d_valid[None, :])
         tl.store(at + HEAD_DIM, m_i, mask=m_valid)
         tl.store(at + HEAD_DIM + 1, l_i, mask=m_valid)
-
-
-@triton.jit
-def _combine_kernel(part_ptr, out_ptr, rows, num_q_heads, stride_or, stride_oc,
-                    SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[r, h] = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s over the KV splits, m = max_s m_s:
-    one program per (row, query head), the splits summed in a fixed order (deterministic)."""
-    r = tl.program_id(0)
-    h = tl.program_id(1)
-    sp = tl.arange(0, SPLITS_P)
-    d = tl.arange(0, BLOCK_D)
-    s_valid = sp < SPLITS
-    at = part_ptr + ((sp.to(tl.int64) * rows + r) * num_q_heads + h) * (HEAD_DIM + 2)
-    m_s = tl.load(at + HEAD_DIM, mask=s_valid, other=float("-inf"))
-    l_s = tl.load(at + HEAD_DIM + 1, mask=s_valid, other=0.0)
-    acc = tl.load(at[:, None] + d[None, :], mask=s_valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
-    m = tl.max(m_s, 0)
-    w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))
-    o = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l_s, 0)
-    o = _tl.round_to(o, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + r * stride_or + (h * HEAD_DIM + d) * stride_oc, o, mask=d < HEAD_DIM)
+        group = (pid_h * tl.num_programs(1) + pid_b) * tl.num_programs(2) + pid_r
+        if _tl.last_to_arrive(counter_ptr + group, SPLITS):
+            # The last split to finish merges all of them, s = 0..SPLITS-1 in that order
+            # (deterministic): o = sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s, m = max_s m_s.
+            base = part_ptr + (row.to(tl.int64) * num_q_heads + head) * (HEAD_DIM + 2)
+            stride_split = rows * num_q_heads * (HEAD_DIM + 2)
+            m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for s in tl.static_range(SPLITS):
+                m_s = tl.load(base + s * stride_split + HEAD_DIM, mask=m_valid, other=float("-inf"),
+                              cache_modifier=".cg")
+                m_all = tl.maximum(m_all, m_s)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # padding pairs only: never stored
+            num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            den = tl.zeros([BLOCK_M], tl.float32)
+            for s in tl.static_range(SPLITS):
+                split_at = base + s * stride_split
+                m_s = tl.load(split_at + HEAD_DIM, mask=m_valid, other=float("-inf"), cache_modifier=".cg")
+                w = tl.exp2(m_s - m_all)  # 0 for a split that holds no visible slot
+                den += w * tl.load(split_at + HEAD_DIM + 1, mask=m_valid, other=0.0, cache_modifier=".cg")
+                num += w[:, None] * tl.load(split_at[:, None] + d[None, :], mask=m_valid[:, None] & d_valid[None, :],
+                                            other=0.0, cache_modifier=".cg")
+            o = _tl.round_to(num / tl.where(den > 0, den, 1.0)[:, None], out_ptr.dtype.element_ty)
+            tl.store(out_ptr + row[:, None] * stride_or + (head[:, None] * HEAD_DIM + d[None, :]) * stride_oc,
+                     o, mask=m_valid[:, None] & d_valid[None, :])
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -223,7 +228,8 @@ def _launch_config(max_seq_rows: int, num_seqs: int, num_heads: int, num_kv_head
     KV splits (flash-decoding): where the grid has fewer programs than TARGET_PROGRAMS and the
     static bound on the sequence length (`window`) holds at least _SPLIT_MIN_SLOTS slots, each
     program's region is cut into SPLITS ranges of `split_len` slots (a multiple of BLOCK_N),
-    run by separate programs, and a second, tiny kernel merges their partials in a fixed order.
+    run by separate programs; the last of a group's splits to finish merges their partials in a
+    fixed order (one launch).
     At 7B decode (28 per-head programs) with a 512-slot bound: 5 splits of 128 slots, 140
     programs for 132 SMs, where one program per head would keep 21% of the SMs busy.
     """
@@ -301,6 +307,7 @@ def attention(
     window: int | None = None,
     heads_per_program: int | None = None,
     kv_splits: int | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o[r, h] = softmax(q[r, h] . K[g(h), a_r:c_r+1]^T / sqrt(d)) @ V[g(h), a_r:c_r+1], c_r =
     cache_rows[r], a_r = c_r - positions[r] (Triton; = attention_ref).
@@ -316,7 +323,8 @@ def attention(
     split the walk over several programs (see `_launch_config`; `kv_splits` forces a count). `0 <= a_r <= c_r < S` and consistent `seqs` are the
     caller's contract (checking them would need a device sync); slots at or past S are never read.
     `heads_per_program` (1 or nq / nkv) overrides the launch policy; tests use it to cover both.
-    Launches: 1, or 2 where the KV walk is split.
+    One launch, split or not; counters: the split groups' arrival counters (int32, zeroed, left
+    zeroed; default: a fresh zeroed buffer).
     """
     _check_args(q, k_cache, v_cache, cache_rows, positions, seqs, out)
     rows, num_heads, head_dim = q.shape
@@ -336,20 +344,18 @@ def attention(
     split_len = options.pop("split_len")
     splits = constexprs["SPLITS"]
     # Partials of a split launch: [SPLITS, R, nq, d + 2] fp32 (d outputs, max, sum): at 7B decode
-    # 5 x 28 x 130 x 4 B = 73 KB, read back once by the combine.
-    part = out if splits == 1 else torch.empty((splits, rows, num_heads, head_dim + 2), dtype=torch.float32,
-                                               device=q.device)
+    # 5 x 28 x 130 x 4 B = 73 KB, read back once by the last split of each group.
+    part, arrivals = out, cache_rows  # placeholders where unused
+    if splits > 1:
+        part = torch.empty((splits, rows, num_heads, head_dim + 2), dtype=torch.float32, device=q.device)
+        arrivals = _tl.counters_for(grid[0] // splits * grid[1] * grid[2], counters, q.device)
     _attention_kernel[grid](
-        q, k_cache, v_cache, cache_rows, positions, seqs, out, part,
+        q, k_cache, v_cache, cache_rows, positions, seqs, out, part, arrivals,
         max_len, rows, num_heads, split_len,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         math.log2(math.e) / math.sqrt(head_dim),
         **constexprs, **options,
     )
-    if splits > 1:
-        _combine_kernel[(rows, num_heads)](part, out, rows, num_heads, *out.stride(), SPLITS=splits,
-                                           SPLITS_P=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-                                           BLOCK_D=constexprs["BLOCK_D"], num_warps=1)
     return out
 
 
@@ -358,14 +364,14 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: 
 
 def aot_variants() -> list[tuple]:
     """(kernel, signature, constexprs, options) for the 7B launches: decode/MCTP (512-slot bound,
-    split) and prefill, each dtype, and the split combine."""
+    split) and prefill, each dtype."""
     variants = []
     for dtype, name in _TRITON_DTYPES.items():
         for rows in (1, 256):  # per-head tile (R <= 16) and grouped tile (prefill)
             _, constexprs, options = _launch_config(rows, 1, 28, 4, 128, dtype, window=512)
             options.pop("split_len")
             signature = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "v_ptr": f"*{name}", "cache_rows_ptr": "*i64",
-                         "positions_ptr": "*i64", "seqs_ptr": "*i64", "out_ptr": f"*{name}", "part_ptr": "*fp32",
+                         "positions_ptr": "*i64", "seqs_ptr": "*i64", "out_ptr": f"*{name}", "part_ptr": "*fp32", "counter_ptr": "*i32",
                          "max_len": "i32", "rows": "i32", "num_q_heads": "i32", "split_len": "i32"}
             for stride in ("stride_qr", "stride_qh", "stride_qd", "stride_kh", "stride_ks", "stride_kd",
                            "stride_vh", "stride_vs", "stride_vd", "stride_or", "stride_oc"):
@@ -373,10 +379,6 @@ def aot_variants() -> list[tuple]:
             signature["qk_scale"] = "fp32"
             signature.update({k: "constexpr" for k in constexprs})
             variants.append((_attention_kernel, signature, constexprs, options))
-        combine = dict(SPLITS=5, SPLITS_P=8, HEAD_DIM=128, BLOCK_D=128)
-        signature = {"part_ptr": "*fp32", "out_ptr": f"*{name}", "rows": "i32", "num_q_heads": "i32",
-                     "stride_or": "i32", "stride_oc": "i32", **{k: "constexpr" for k in combine}}
-        variants.append((_combine_kernel, signature, combine, dict(num_warps=1)))
     return variants
 
 

@@ -17,12 +17,17 @@ def head_logits_ref(
     w_head: torch.Tensor,
     eps: float,
     out: torch.Tensor | None = None,
+    *,
+    x_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits = (rmsnorm(x) @ W_head^T).to(dtype).float().
 
-    x: [R, H] raw final hidden rows; norm_weight: [H]; w_head: [V, H]. Returns [R, V] fp32
-    whose values are those of the model dtype (as Hugging Face generation sees them).
+    x: [R, H] raw final hidden rows (with x_rows, int64 [R]: the rows x[x_rows] of a history);
+    norm_weight: [H]; w_head: [V, H]. Returns [R, V] fp32 whose values are those of the model
+    dtype (as Hugging Face generation sees them).
     """
+    if x_rows is not None:
+        x = x.index_select(0, x_rows)
     logits = F.linear(rmsnorm_ref(x, norm_weight, eps), w_head).float()
     if out is not None:
         out.copy_(logits)
@@ -36,10 +41,26 @@ def head_argmax_ref(
     w_head: torch.Tensor,
     eps: float,
     out: torch.Tensor | None = None,
+    *,
+    x_rows: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    token_index: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    seen_rows: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ids = argmax(head_logits(x)), the lowest id among equal maxima; a NaN logit wins (the
-    lowest id among NaNs), as torch.argmax decides. Returns [R] int64."""
-    ids = head_logits_ref(x, norm_weight, w_head, eps).argmax(dim=-1)
+    lowest id among NaNs), as torch.argmax decides. Returns [R] int64.
+
+    The emit epilogue of a decode step, each part optional: tokens[token_index[r]] = ids[r]
+    (tokens: an int64 token buffer) and seen[seen_rows[r], ids[r]] = True (seen: [B, V] bool
+    masks). counters: the fused kernel's arrival counters (int32), unused here.
+    """
+    ids = head_logits_ref(x, norm_weight, w_head, eps, x_rows=x_rows).argmax(dim=-1)
+    if tokens is not None:
+        tokens.index_copy_(0, token_index, ids)
+    if seen is not None:
+        seen.index_put_((seen_rows, ids), torch.ones((), dtype=torch.bool, device=seen.device))
     if out is not None:
         out.copy_(ids)
         return out
@@ -47,21 +68,60 @@ def head_argmax_ref(
 
 
 @triton.jit
-def _head_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, idx_ptr, R, V, eps, stride_xr, stride_or,
-                 H: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+def argmax_of_blocks(val_ptr, idx_ptr, rows64, row_mask, num_blocks, BLOCK: tl.constexpr):
+    """Per row: the id of the largest workspace value (blocks [row, 0..num_blocks)), the lowest
+    id among equals; a NaN value wins over every number (torch.argmax), the lowest id among NaNs.
+
+    Blocks are in id order, so within a chunk the lowest id among the maxima wins and a later
+    chunk replaces the running best only when strictly larger (or NaN while the best is not).
+    Reads 8 bytes per block, bypassing L1 (the blocks were written by other programs).
+    """
+    best = tl.full(rows64.shape, float("-inf"), tl.float32)
+    best_id = tl.zeros(rows64.shape, tl.int32)
+    best_nan = rows64 < 0  # all False
+    for b0 in range(0, num_blocks, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        mask = row_mask[:, None] & (offs < num_blocks)[None, :]
+        at = rows64[:, None] * num_blocks + offs[None, :]
+        vals = tl.load(val_ptr + at, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        ids = tl.load(idx_ptr + at, mask=mask, other=0, cache_modifier=".cg")
+        is_nan = vals != vals
+        nan_id = tl.min(tl.where(is_nan, ids, 2147483647), axis=1)
+        chunk_nan = nan_id < 2147483647
+        plain = tl.where(is_nan, float("-inf"), vals)
+        chunk_best = tl.max(plain, axis=1)
+        chunk_id = tl.min(tl.where(plain == chunk_best[:, None], ids, 2147483647), axis=1)
+        chunk_id = tl.where(chunk_nan, nan_id, chunk_id)
+        take = ((chunk_best > best) | (b0 == 0) | chunk_nan) & ~best_nan
+        best_id = tl.where(take, chunk_id, best_id)
+        best = tl.where(take, chunk_best, best)
+        best_nan = best_nan | chunk_nan
+    return best_id.to(tl.int64)
+
+
+@triton.jit
+def _head_kernel(x_ptr, x_rows_ptr, norm_w_ptr, w_ptr, out_ptr, val_ptr, idx_ptr, counter_ptr, tokens_ptr,
+                 token_index_ptr, seen_ptr, seen_rows_ptr, R, V, eps, stride_xr, stride_or,
+                 H: tl.constexpr, WRITE_LOGITS: tl.constexpr, X_ROWS: tl.constexpr, EMIT_TOKENS: tl.constexpr,
+                 EMIT_SEEN: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_K: tl.constexpr,
                  SPLIT_K: tl.constexpr):
     """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x vocabulary ids [pid_n * BLOCK_N, +BLOCK_N).
 
-    WRITE_LOGITS: out[r, id] = the logit (fp32 holding a model-dtype value). Otherwise out/idx
-    are the argmax workspace [R, num_blocks]: this block's (max logit, lowest id reaching it).
-    Logits are compared after rounding to the model dtype, as the reference's are, so ties
-    and their lowest-id resolution match it. A NaN logit wins, as in torch.argmax: a block with
-    NaNs reports (NaN, its lowest NaN id). (SPLIT_K is always 1: V gives enough tiles.)
+    WRITE_LOGITS: out[r, id] = the logit (fp32 holding a model-dtype value). Otherwise each
+    program leaves its block's (max logit, lowest id reaching it) in the [R, num_blocks]
+    workspace, and the row block's last program to arrive reduces the whole row (in id order:
+    deterministic, whoever arrives last) into out[r], then, when asked, writes the id into the
+    token buffer (EMIT_TOKENS) and marks it in the row's seen mask (EMIT_SEEN): a greedy decode
+    step's whole emit in this one launch. Logits are compared after rounding to the model
+    dtype, as the reference's are, so ties and their lowest-id resolution match it. A NaN logit
+    wins, as in torch.argmax. X_ROWS reads x rows through x_rows (the last rows of each
+    sequence, straight from the hidden history). (SPLIT_K is always 1: V gives enough tiles.)
 
     Traffic: the [V, H] head once (1.2 GB at 7B: the floor, 70% of an MCTP step; one row
     block for <= 128 rows); x from L2; argmax writes 8 bytes per row per block instead of 4V
-    bytes of logits. Weight offsets are 64-bit: V * H * 2 bytes > 2^31 at 7B.
+    bytes of logits, read once more by the last program. Weight offsets are 64-bit: V * H * 2
+    bytes > 2^31 at 7B.
     """
     pid_n = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -70,7 +130,10 @@ def _head_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, idx_ptr, R, V, eps, stride_x
     id_mask = ids < V
     dtype: tl.constexpr = x_ptr.dtype.element_ty
     rows64 = rows.to(tl.int64)
-    x_rows = x_ptr + rows64 * stride_xr
+    x_at = rows64
+    if X_ROWS:
+        x_at = tl.load(x_rows_ptr + rows64, mask=row_mask, other=0)
+    x_rows = x_ptr + x_at * stride_xr
     rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=STATS_K)
     w_rows = w_ptr + ids.to(tl.int64) * H
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
@@ -81,6 +144,7 @@ def _head_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, idx_ptr, R, V, eps, stride_x
         tl.store(out_ptr + rows64[:, None] * stride_or + ids[None, :], logits,
                  mask=row_mask[:, None] & id_mask[None, :])
     else:
+        num_blocks = tl.num_programs(0)
         logits = tl.where(id_mask[None, :], logits, float("-inf"))
         is_nan = logits != logits
         first_nan = tl.min(tl.where(is_nan, ids[None, :], V), axis=1)
@@ -90,44 +154,22 @@ def _head_kernel(x_ptr, norm_w_ptr, w_ptr, out_ptr, idx_ptr, R, V, eps, stride_x
         has_nan = first_nan < V
         best = tl.where(has_nan, float("nan"), best)
         first = tl.where(has_nan, first_nan, first)
-        tl.store(out_ptr + rows64 * stride_or + pid_n, best, mask=row_mask)
-        tl.store(idx_ptr + rows64 * stride_or + pid_n, first, mask=row_mask)
+        tl.store(val_ptr + rows64 * num_blocks + pid_n, best, mask=row_mask)
+        tl.store(idx_ptr + rows64 * num_blocks + pid_n, first, mask=row_mask)
+        if _tl.last_to_arrive(counter_ptr + tl.program_id(1), num_blocks):
+            chosen = argmax_of_blocks(val_ptr, idx_ptr, rows64, row_mask, num_blocks, REDUCE_BLOCK)
+            tl.store(out_ptr + rows64 * stride_or, chosen, mask=row_mask)
+            if EMIT_TOKENS:
+                slot = tl.load(token_index_ptr + rows64, mask=row_mask, other=0)
+                tl.store(tokens_ptr + slot, chosen, mask=row_mask)
+            if EMIT_SEEN:
+                seen_row = tl.load(seen_rows_ptr + rows64, mask=row_mask, other=0)
+                tl.store(seen_ptr + seen_row * V + chosen, tl.full(rows64.shape, 1, tl.int1), mask=row_mask)
 
 
-@triton.jit
-def _argmax_reduce_kernel(val_ptr, idx_ptr, out_ptr, num_blocks, BLOCK: tl.constexpr):
-    """out[r] = the id of the largest workspace value of row r, the lowest id among equals; a
-    NaN value wins over every number (torch.argmax), the lowest id among NaNs.
-
-    Blocks are in id order, so within a chunk the lowest id among the maxima wins and a later
-    chunk replaces the running best only when strictly larger (or NaN while the best is not).
-    Reads 8 bytes per block.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    best = float("-inf")
-    best_id = 0
-    best_nan = tl.full((), False, tl.int1)
-    for b0 in range(0, num_blocks, BLOCK):
-        offs = b0 + tl.arange(0, BLOCK)
-        mask = offs < num_blocks
-        vals = tl.load(val_ptr + row * num_blocks + offs, mask=mask, other=float("-inf"))
-        ids = tl.load(idx_ptr + row * num_blocks + offs, mask=mask, other=0)
-        is_nan = vals != vals
-        nan_id = tl.min(tl.where(is_nan, ids, 2147483647), axis=0)
-        chunk_nan = nan_id < 2147483647
-        plain = tl.where(is_nan, float("-inf"), vals)
-        chunk_best = tl.max(plain, axis=0)
-        chunk_id = tl.min(tl.where(plain == chunk_best, ids, 2147483647), axis=0)
-        chunk_id = tl.where(chunk_nan, nan_id, chunk_id)
-        take = ((chunk_best > best) | (b0 == 0) | chunk_nan) & ~best_nan
-        best_id = tl.where(take, chunk_id, best_id)
-        best = tl.where(take, chunk_best, best)
-        best_nan = best_nan | chunk_nan
-    tl.store(out_ptr + row, best_id.to(tl.int64))
-
-
-# Workspace entries per step of the reduce (5253 blocks per row at 7B at R = 1: 6 steps). Tiny
-# on the CPU (interpreter) so that the tests there cover the combine across steps.
+# Workspace entries per step of the reduction (5253 blocks per row at 7B at R = 1: 6 steps of
+# 1024 per row). Tiny on the CPU (interpreter) so that the tests there cover the combine across
+# steps.
 _REDUCE_BLOCK = {"cuda": 1024, "cpu": 4}
 
 
@@ -147,24 +189,40 @@ def _check(x, norm_weight, w_head):
 
 
 def plan(x: torch.Tensor, norm_weight: torch.Tensor, w_head: torch.Tensor, eps: float, out: torch.Tensor,
-         write_logits: bool, target: str | None = None) -> list[_tl.Launch]:
-    """The launches of head_logits (write_logits; `out` [R, V] fp32) or head_argmax (`out` [R]
+         write_logits: bool, x_rows=None, tokens=None, token_index=None, seen=None, seen_rows=None, counters=None,
+         target: str | None = None) -> list[_tl.Launch]:
+    """The launch of head_logits (write_logits; `out` [R, V] fp32) or head_argmax (`out` [R]
     int64; allocates the [R, blocks] workspace) for validated, unit-stride tensors (meta
     tensors work)."""
     target = target or x.device.type
-    rows, (vocab, hidden) = x.shape[0], w_head.shape
+    rows, (vocab, hidden) = out.shape[0], w_head.shape
     cfg = config(target, rows, vocab, hidden, write_logits)
     blocks = triton.cdiv(vocab, cfg["BLOCK_N"])
     grid = (blocks, _tl.row_grid(rows, cfg["BLOCK_R"]))
-    if write_logits:
-        return [_tl.Launch(_head_kernel, grid, (x, norm_weight, w_head, out, out, rows, vocab, float(eps), x.stride(0),
-                                                out.stride(0)), cfg)]
-    best = torch.empty((rows, blocks), dtype=torch.float32, device=x.device)
-    first = torch.empty((rows, blocks), dtype=torch.int32, device=x.device)
-    return [_tl.Launch(_head_kernel, grid, (x, norm_weight, w_head, best, first, rows, vocab, float(eps), x.stride(0),
-                                            blocks), cfg),
-            _tl.Launch(_argmax_reduce_kernel, (rows,), (best, first, out, blocks),
-                       dict(BLOCK=_REDUCE_BLOCK[target], num_warps=_tl.NUM_WARPS))]
+    best, first = out, out
+    if not write_logits:
+        best = torch.empty((rows, blocks), dtype=torch.float32, device=x.device)
+        first = torch.empty((rows, blocks), dtype=torch.int32, device=x.device)
+        arrivals = _tl.counters_for(grid[1], counters, x.device)
+    else:
+        arrivals = out  # placeholder: logits need no reduction
+    flags = dict(X_ROWS=x_rows is not None, EMIT_TOKENS=tokens is not None, EMIT_SEEN=seen is not None,
+                 REDUCE_BLOCK=_REDUCE_BLOCK[target])
+    unused = out
+    return [_tl.Launch(_head_kernel, grid,
+                       (x, x_rows if x_rows is not None else unused, norm_weight, w_head, out, best, first, arrivals,
+                        tokens if tokens is not None else unused, token_index if token_index is not None else unused,
+                        seen if seen is not None else unused, seen_rows if seen_rows is not None else unused,
+                        rows, vocab, float(eps), x.stride(0), out.stride(0)),
+                       {**flags, **cfg})]
+
+
+def _check_rows(x, x_rows, hidden, dev) -> int:
+    """Rows of the head's input: x itself, or x[x_rows] of a history."""
+    if x_rows is None:
+        return x.shape[0]
+    _tl.expect("x_rows", x_rows, ["R"], torch.int64, dev, contiguous=True)
+    return x_rows.shape[0]
 
 
 def head_logits(
@@ -173,20 +231,23 @@ def head_logits(
     w_head: torch.Tensor,
     eps: float,
     out: torch.Tensor | None = None,
+    *,
+    x_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits = (rmsnorm(x) @ W_head^T).to(dtype).float(): the fused Triton head (= head_logits_ref).
 
-    x: [R, H]; norm_weight: [H]; w_head: [V, H] contiguous; one dtype. Returns [R, V] fp32.
-    Grid at 7B: 32-id blocks (5253 programs) at R = 1, 16-id at R = 2, 64-id tl.dot blocks beyond; one row
-    block for up to 128 rows.
+    x: [R, H] (or a history read through x_rows, int64 [R]); norm_weight: [H]; w_head: [V, H]
+    contiguous; one dtype. Returns [R, V] fp32. Grid at 7B: 32-id blocks (5253 programs) at R =
+    1, 16-id at R = 2, 64-id tl.dot blocks beyond; one row block for up to 128 rows.
     """
-    dtype, dev, rows, vocab, hidden = _check(x, norm_weight, w_head)
+    dtype, dev, _, vocab, hidden = _check(x, norm_weight, w_head)
+    rows = _check_rows(x, x_rows, hidden, dev)
     if out is None:
         out = torch.empty((rows, vocab), dtype=torch.float32, device=dev)
     else:
         _tl.expect_out("out", out, [rows, vocab], torch.float32, dev)
     if rows and vocab:
-        _tl.run_launches(plan(_tl.unit_stride(x), norm_weight, w_head, eps, out, write_logits=True))
+        _tl.run_launches(plan(_tl.unit_stride(x), norm_weight, w_head, eps, out, write_logits=True, x_rows=x_rows))
     return out
 
 
@@ -196,23 +257,43 @@ def head_argmax(
     w_head: torch.Tensor,
     eps: float,
     out: torch.Tensor | None = None,
+    *,
+    x_rows: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    token_index: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    seen_rows: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ids = argmax(head_logits(x)) (lowest id among equal maxima, NaN wins), no logits written (= head_argmax_ref).
 
-    x: [R, H]; norm_weight: [H]; w_head: [V, H] contiguous; one dtype. Returns [R] int64.
-    Two launches: the head GEMV leaves per-block (max, first id) in an [R, V / BLOCK_N]
-    workspace, then one program per row reduces it; no atomics, so the result is deterministic.
-    The workspace (8 bytes per vocabulary block: 42 KB per row at 7B, R = 1) is allocated per
-    call: inside a CUDA graph capture it comes from the graph's private pool.
+    x: [R, H] (or a history read through x_rows, int64 [R]); norm_weight: [H]; w_head: [V, H]
+    contiguous; one dtype. Returns [R] int64. Emit epilogue (optional): tokens[token_index[r]] =
+    ids[r] (tokens int64, token_index int64 [R]) and seen[seen_rows[r], ids[r]] = True (seen:
+    [B, V] bool, seen_rows int64 [R]). One launch: each program leaves its vocabulary block's
+    (max, first id) in an [R, V / BLOCK_N] workspace (8 bytes per block: 42 KB per row at 7B,
+    R = 1, allocated per call: inside a CUDA graph capture from the graph's private pool), and
+    the row block's last program reduces it in id order: deterministic, no atomics on data.
+    counters: arrival counters (int32, zeroed, left zeroed; default: a fresh zeroed buffer).
     """
-    dtype, dev, rows, vocab, hidden = _check(x, norm_weight, w_head)
+    dtype, dev, _, vocab, hidden = _check(x, norm_weight, w_head)
+    rows = _check_rows(x, x_rows, hidden, dev)
     if out is None:
         out = torch.empty((rows,), dtype=torch.int64, device=dev)
     else:
         _tl.expect_out("out", out, [rows], torch.int64, dev)
+    if (tokens is None) != (token_index is None) or (seen is None) != (seen_rows is None):
+        raise ValueError("tokens and token_index, and seen and seen_rows, go together")
+    if tokens is not None:
+        _tl.expect("tokens", tokens, ["T"], torch.int64, dev, contiguous=True)
+        _tl.expect("token_index", token_index, [rows], torch.int64, dev, contiguous=True)
+    if seen is not None:
+        _tl.expect("seen", seen, ["B", vocab], torch.bool, dev, contiguous=True)
+        _tl.expect("seen_rows", seen_rows, [rows], torch.int64, dev, contiguous=True)
     if rows == 0 or vocab == 0:
         return out
-    _tl.run_launches(plan(_tl.unit_stride(x), norm_weight, w_head, eps, out, write_logits=False))
+    _tl.run_launches(plan(_tl.unit_stride(x), norm_weight, w_head, eps, out, False, x_rows, tokens, token_index,
+                          seen, seen_rows, counters))
     return out
 
 

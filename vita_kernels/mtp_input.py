@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from vita_kernels import _tl
-from vita_kernels.linear import split_k_epilogue, store_partial
+from vita_kernels.linear import split_k_sum
 from vita_kernels.norm import rmsnorm_ref
 from vita_kernels.registry import GEOMETRIES, Case, Geometry, OpSpec, norm_weight, randn, weight
 
@@ -28,12 +28,23 @@ def mtp_input_ref(
     w_proj: torch.Tensor,
     eps: float,
     out: torch.Tensor | None = None,
+    *,
+    id_rows: torch.Tensor | None = None,
+    hidden_rows: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """u = W_proj @ [rmsnorm(E[ids], w_emb) ; rmsnorm(rmsnorm(hidden, w_final), w_hid)].
 
     ids: [R] int64 in [0, V); embed: [V, H]; hidden: [R, H] raw previous-stage output;
-    norm weights: [H]; w_proj: [H, 2H]. Returns [R, H] in the model dtype.
+    norm weights: [H]; w_proj: [H, 2H]. Returns [R, H] in the model dtype. Gathers: with
+    id_rows (int64 [R]) the ids are ids[id_rows] (ids: a token buffer of any length); with
+    hidden_rows (int64 [R]) the hidden rows are hidden[hidden_rows] (hidden: a history of any
+    number of rows). counters: the fused kernel's split-K arrival counters, unused here.
     """
+    if id_rows is not None:
+        ids = ids.index_select(0, id_rows)
+    if hidden_rows is not None:
+        hidden = hidden.index_select(0, hidden_rows)
     e = rmsnorm_ref(embed.index_select(0, ids), emb_norm_weight, eps)
     h = rmsnorm_ref(rmsnorm_ref(hidden, final_norm_weight, eps), hid_norm_weight, eps)
     u = F.linear(torch.cat([e, h], dim=-1), w_proj)
@@ -44,17 +55,19 @@ def mtp_input_ref(
 
 
 @triton.jit
-def _mtp_input_kernel(ids_ptr, embed_ptr, hidden_ptr, final_w_ptr, emb_w_ptr, hid_w_ptr, w_ptr, out_ptr, part_ptr,
-                      R, V, eps, stride_hr, stride_or,
-                      H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      STATS_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _mtp_input_kernel(ids_ptr, id_rows_ptr, embed_ptr, hidden_ptr, hidden_rows_ptr, final_w_ptr, emb_w_ptr,
+                      hid_w_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, R, V, eps, stride_hr, stride_or,
+                      H: tl.constexpr, ID_ROWS: tl.constexpr, HIDDEN_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x output columns [pid_n * BLOCK_N, +BLOCK_N)
     x (SPLIT_K > 1) one K range of 2H / SPLIT_K columns, inside one half.
 
     The concat is never built: K in [0, H) multiplies rmsnorm(E[ids], w_emb) by W_proj[:, :H],
     K in [H, 2H) multiplies rmsnorm(rmsnorm(hidden, w_final), w_hid) by W_proj[:, H:]. Row
     statistics: the embedding rows, the raw hidden rows, then the rounded first norm's output.
-    SPLIT_K > 1 writes fp32 partials; linear's split-K epilogue sums them and rounds.
+    SPLIT_K > 1 writes fp32 partials; each tile's last program sums them and rounds
+    (`split_k_sum`). ID_ROWS / HIDDEN_ROWS gather the ids and hidden rows through row indices
+    (the token buffer and the hidden history of the runtime), so no gathered copy is made.
 
     Traffic: W_proj once (2 H^2 elements, 51 MB at 7B: the floor), R embedding rows gathered
     straight from E (no gathered copy), R hidden rows and three norm weights from L2, R * H
@@ -66,10 +79,16 @@ def _mtp_input_kernel(ids_ptr, embed_ptr, hidden_ptr, final_w_ptr, emb_w_ptr, hi
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < H
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0)
+    id_at = rows
+    if ID_ROWS:
+        id_at = tl.load(id_rows_ptr + rows, mask=row_mask, other=0)
+    ids = tl.load(ids_ptr + id_at, mask=row_mask, other=0)
     emb_mask = row_mask & (ids >= 0) & (ids < V)  # an out-of-range id reads a zero row, never out of bounds
     emb_rows = embed_ptr + ids.to(tl.int64) * H  # 64-bit: V * H can exceed 2^31 elements
-    hid_rows = hidden_ptr + rows.to(tl.int64) * stride_hr
+    hid_at = rows
+    if HIDDEN_ROWS:
+        hid_at = tl.load(hidden_rows_ptr + rows, mask=row_mask, other=0)
+    hid_rows = hidden_ptr + hid_at.to(tl.int64) * stride_hr
     rstd_emb = _tl.row_rstd(emb_rows, emb_mask, H, eps, eps, emb_w_ptr, NORMS=0, BLOCK_K=STATS_K)
     rstd_final = _tl.row_rstd(hid_rows, row_mask, H, eps, eps, final_w_ptr, NORMS=0, BLOCK_K=STATS_K)
     rstd_hid = _tl.row_rstd(hid_rows, row_mask, H, eps, rstd_final, final_w_ptr, NORMS=1, BLOCK_K=STATS_K)
@@ -96,7 +115,10 @@ def _mtp_input_kernel(ids_ptr, embed_ptr, hidden_ptr, final_w_ptr, emb_w_ptr, hi
             acc, _ = _tl.gemv_accumulate(acc, acc, hid_rows + k_lo, row_mask, w_rows, w_rows, n_mask, K_SPLIT,
                                          H + k_lo, rstd_final, final_w_ptr + k_lo, rstd_hid, hid_w_ptr + k_lo,
                                          NORMS=2, TWO=False, BLOCK_K=BLOCK_K)
-        store_partial(part_ptr, acc, rows, row_mask, n, n_mask, R, H)
+        last, acc = split_k_sum(part_ptr, counter_ptr, acc, rows, row_mask, n, n_mask, R, H, SPLIT_K)
+        if last:
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + n[None, :], _tl.round_to(acc, dtype),
+                     mask=row_mask[:, None] & n_mask[None, :])
 
 
 def config(target: str, rows: int, hidden: int) -> dict:
@@ -106,21 +128,24 @@ def config(target: str, rows: int, hidden: int) -> dict:
 
 
 def plan(ids, embed, hidden, final_norm_weight, emb_norm_weight, hid_norm_weight, w_proj, eps, out,
-         target: str | None = None) -> list[_tl.Launch]:
-    """The launches `mtp_input` issues for validated tensors (meta tensors work). Allocates the
+         id_rows=None, hidden_rows=None, counters=None, target: str | None = None) -> list[_tl.Launch]:
+    """The launch `mtp_input` issues for validated tensors (meta tensors work). Allocates the
     split-K partials."""
     target = target or hidden.device.type
-    rows, (vocab, size) = hidden.shape[0], embed.shape
+    rows, (vocab, size) = out.shape[0], embed.shape
     cfg = config(target, rows, size)
     split_k = cfg["SPLIT_K"]
     grid = (triton.cdiv(size, cfg["BLOCK_N"]), _tl.row_grid(rows, cfg["BLOCK_R"]), split_k)
-    partials = torch.empty((split_k, rows, size), dtype=torch.float32, device=hidden.device) if split_k > 1 else out
-    launches = [_tl.Launch(_mtp_input_kernel, grid,
-                           (ids, embed, hidden, final_norm_weight, emb_norm_weight, hid_norm_weight, w_proj, out,
-                            partials, rows, vocab, float(eps), hidden.stride(0), out.stride(0)), cfg)]
+    partials, arrivals = out, ids  # placeholders where unused
     if split_k > 1:
-        launches.append(split_k_epilogue(target, partials, None, None, out, split_k))
-    return launches
+        partials = torch.empty((split_k, rows, size), dtype=torch.float32, device=hidden.device)
+        arrivals = _tl.counters_for(grid[0] * grid[1], counters, hidden.device)
+    return [_tl.Launch(_mtp_input_kernel, grid,
+                       (ids, id_rows if id_rows is not None else ids, embed, hidden,
+                        hidden_rows if hidden_rows is not None else ids, final_norm_weight, emb_norm_weight,
+                        hid_norm_weight, w_proj, out, partials, arrivals, rows, vocab, float(eps), hidden.stride(0),
+                        out.stride(0)),
+                       dict(ID_ROWS=id_rows is not None, HIDDEN_ROWS=hidden_rows is not None, **cfg))]
 
 
 def mtp_input(
@@ -133,23 +158,40 @@ def mtp_input(
     w_proj: torch.Tensor,
     eps: float,
     out: torch.Tensor | None = None,
+    *,
+    id_rows: torch.Tensor | None = None,
+    hidden_rows: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """u = W_proj @ [rmsnorm(E[ids], w_emb) ; rmsnorm(rmsnorm(hidden, w_final), w_hid)]: one Triton GEMV.
 
     ids: [R] int64 in [0, V) (checked on the device: an id outside reads a zero embedding, as
     a host check would synchronise); embed: [V, H] contiguous; hidden: [R, H] raw
     previous-stage output; norm weights: [H]; w_proj: [H, 2H] contiguous; one float dtype.
-    Returns [R, H] (= mtp_input_ref). Grid at 7B: 4-column blocks (896 programs) at R <= 2;
-    16-column tl.dot blocks split four ways along K (896 programs + the split-K epilogue) at
-    R = 3..16; one row block for up to 128 rows (split along K as `_tl.gemv_config` decides).
+    id_rows / hidden_rows (int64 [R]): gather ids[id_rows] from a token buffer and
+    hidden[hidden_rows] from a history inside the kernel. counters: split-K arrival counters
+    (int32, zeroed, left zeroed; default: a fresh zeroed buffer). Returns [R, H]
+    (= mtp_input_ref). One launch. Grid at 7B: 4-column blocks (896 programs) at R <= 2;
+    16-column tl.dot blocks split four ways along K (896 programs, each tile's last program
+    summing the partials) at R = 3..16; one row block for up to 128 rows (split along K as
+    `_tl.gemv_config` decides).
     """
     dtype = _tl.model_dtype("hidden", hidden)
     dev = hidden.device
     _tl.expect("embed", embed, ["V", "H"], dtype, dev, contiguous=True)
     vocab, size = embed.shape
-    _tl.expect("hidden", hidden, ["R", size], dtype, dev)
-    rows = hidden.shape[0]
-    _tl.expect("ids", ids, [rows], torch.int64, dev)
+    _tl.expect("hidden", hidden, ["R" if hidden_rows is None else "S", size], dtype, dev)
+    if id_rows is not None:
+        _tl.expect("id_rows", id_rows, ["R"], torch.int64, dev, contiguous=True)
+        _tl.expect("ids", ids, ["T"], torch.int64, dev, contiguous=True)
+        rows = id_rows.shape[0]
+    else:
+        _tl.expect("ids", ids, ["R"], torch.int64, dev)
+        rows = ids.shape[0]
+    if hidden_rows is not None:
+        _tl.expect("hidden_rows", hidden_rows, [rows], torch.int64, dev, contiguous=True)
+    else:
+        _tl.expect("hidden", hidden, [rows, size], dtype, dev)
     for name, w in (("final_norm_weight", final_norm_weight), ("emb_norm_weight", emb_norm_weight),
                     ("hid_norm_weight", hid_norm_weight)):
         _tl.expect(name, w, [size], dtype, dev, contiguous=True)
@@ -161,7 +203,7 @@ def mtp_input(
     if rows == 0 or size == 0:
         return out
     _tl.run_launches(plan(ids.contiguous(), embed, _tl.unit_stride(hidden), final_norm_weight, emb_norm_weight,
-                          hid_norm_weight, w_proj, eps, out))
+                          hid_norm_weight, w_proj, eps, out, id_rows, hidden_rows, counters))
     return out
 
 

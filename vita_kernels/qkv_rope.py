@@ -81,7 +81,7 @@ def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_
                            stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
                            H: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_HEADS: tl.constexpr,
                            NUM_KV_HEADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           BLOCK_K: tl.constexpr, STATS_K: tl.constexpr):
     """One program: rows [pid_r * BLOCK_R, +BLOCK_R) x one head's column pairs (c, c + d/2) for
     c in [c0, c0 + BLOCK_H), with one accumulator per half, so rotate-half pairs meet in the
     same registers with no shuffle. Heads 0..nq-1 are q, then nkv k heads, then nkv v heads (not
@@ -100,8 +100,8 @@ def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_
     col = (pid % CHUNKS) * BLOCK_H + tl.arange(0, BLOCK_H)  # column within the first half
     col_mask = col < HALF
     dtype: tl.constexpr = q_ptr.dtype.element_ty
-    x_rows = x_ptr + rows * stride_xr
-    rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64) * stride_xr
+    rstd = _tl.row_rstd(x_rows, row_mask, H, eps, eps, norm_w_ptr, NORMS=0, BLOCK_K=STATS_K)
     n_lo = head * HEAD_DIM + col
     n_hi = n_lo + HALF
     acc_lo = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
@@ -129,7 +129,7 @@ def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_
     out_hi = _tl.round_to(_tl.round_to(hi * cos, dtype) + _tl.round_to(lo * sin, dtype), dtype)
 
     mask = row_mask[:, None] & col_mask[None, :]
-    q_at = q_ptr + rows[:, None] * stride_qr + head * stride_qh + col[None, :]
+    q_at = q_ptr + rows.to(tl.int64)[:, None] * stride_qr + head * stride_qh + col[None, :]
     is_q = mask & (head_v < NUM_HEADS)
     tl.store(q_at, out_lo, mask=is_q)
     tl.store(q_at + HALF, out_hi, mask=is_q)
@@ -145,13 +145,34 @@ def _qkv_rope_cache_kernel(x_ptr, norm_w_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, k_
     tl.store(v_at + HALF, out_hi, mask=is_v)
 
 
-def _config(device_type: str, rows: int, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int) -> dict:
+def config(target: str, rows: int, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int) -> dict:
+    """Launch configuration on `target` ("cuda", or "cpu": the interpreter): the read-once GEMV
+    configuration over the (nq + 2 nkv) * d/2 rotate-half column pairs, two weight tiles per K
+    step, one row block for up to 128 rows."""
     half = head_dim // 2
-    cfg = _tl.gemv_blocks(device_type, rows, (num_heads + 2 * num_kv_heads) * half, hidden, tiles=2, min_block_n=4)
+    cfg = _tl.gemv_config(target, rows, (num_heads + 2 * num_kv_heads) * half, hidden, tiles=2, min_block_n=4,
+                          normed=True)
+    cfg.pop("SPLIT_K")  # never split: the epilogue (RoPE, cache write) needs whole dot products
     # A program stays inside one head: at most the (padded) half width, at least tl.dot's 16.
     block_h = min(cfg.pop("BLOCK_N"), max(triton.next_power_of_2(half), 16 if cfg["BLOCK_R"] >= 16 else 1))
     return dict(H=hidden, HEAD_DIM=head_dim, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_H=block_h,
                 **cfg)
+
+
+def plan(x, norm_weight, w_qkv, b_qkv, cos_table, sin_table, k_cache, v_cache, cache_rows, positions, rope_offset,
+         num_heads, num_kv_heads, eps, out, target: str | None = None) -> list[_tl.Launch]:
+    """The launch `qkv_rope_cache` issues for validated tensors (meta tensors work)."""
+    target = target or x.device.type
+    rows, hidden = x.shape
+    head_dim = k_cache.shape[2]
+    cfg = config(target, rows, hidden, head_dim, num_heads, num_kv_heads)
+    chunks = triton.cdiv(head_dim // 2, cfg["BLOCK_H"])
+    grid = ((num_heads + 2 * num_kv_heads) * chunks, _tl.row_grid(rows, cfg["BLOCK_R"]))
+    return [_tl.Launch(_qkv_rope_cache_kernel, grid,
+                       (x, norm_weight, w_qkv, b_qkv, cos_table, sin_table, k_cache, v_cache, cache_rows, positions,
+                        out, rows, rope_offset, cos_table.shape[0], k_cache.shape[1], float(eps), x.stride(0),
+                        out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                        v_cache.stride(1)), cfg)]
 
 
 def qkv_rope_cache(
@@ -177,8 +198,9 @@ def qkv_rope_cache(
     contiguous; b_qkv: [(nq + 2 nkv) d]; cos/sin_table: [P, d/2] fp32 contiguous; k_cache,
     v_cache: [nkv, S, d] (unit last stride), written in place at slots cache_rows[r] only (slots
     at or past S and positions at or past P are not written / read: neither is brought to the
-    host); cache_rows, positions: int64 [R] on the device. Returns q: [R, nq, d]. Grid at 7B (36 heads x 64 pairs):
-    4-pair blocks (576 programs) at R <= 4, 16 with tl.dot beyond (144).
+    host); cache_rows, positions: int64 [R] on the device. Returns q: [R, nq, d]. Grid at 7B
+    (36 heads x 64 column pairs): 4-pair blocks (576 programs) at R <= 2, 16-pair tl.dot blocks
+    (144) from 3 rows, one row block (W_qkv read once) for up to 128 rows.
     """
     dtype = _tl.model_dtype("x", x)
     dev = x.device
@@ -214,26 +236,22 @@ def qkv_rope_cache(
         _tl.expect_out("out", out, [rows, num_heads, head_dim], dtype, dev)
     if rows == 0:
         return out
-    x = _tl.unit_stride(x)
-    cfg = _config(dev.type, rows, hidden, head_dim, num_heads, num_kv_heads)
-    chunks = triton.cdiv(head_dim // 2, cfg["BLOCK_H"])
-    grid = ((num_heads + 2 * num_kv_heads) * chunks, triton.cdiv(rows, cfg["BLOCK_R"]))
-    _qkv_rope_cache_kernel[grid](x, norm_weight, w_qkv, b_qkv, cos_table, sin_table, k_cache, v_cache, cache_rows,
-                                 positions, out,
-                                 rows, rope_offset, cos_table.shape[0], cache_len, float(eps), x.stride(0),
-                                 out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-                                 v_cache.stride(0), v_cache.stride(1), num_warps=_tl.NUM_WARPS, **cfg)
+    _tl.run_launches(plan(_tl.unit_stride(x), norm_weight, w_qkv, b_qkv, cos_table, sin_table, k_cache, v_cache,
+                          cache_rows, positions, rope_offset, num_heads, num_kv_heads, eps, out))
     return out
 
 
-def aot_variants() -> list[tuple]:
-    """(kernel, signature, constexprs) at the 7B attention shape."""
+def aot_launches() -> list[tuple[str, _tl.Launch]]:
+    """(label, launch) at the 7B attention shape for every AOT row count."""
     geom = GEOMETRIES["7b"]
-    return _tl.aot_row_variants(
-        _qkv_rope_cache_kernel,
-        lambda p: dict(x_ptr=p, norm_w_ptr=p, w_ptr=p, b_ptr=p, cos_ptr="*fp32", sin_ptr="*fp32", k_cache_ptr=p,
-                       v_cache_ptr=p, cache_rows_ptr="*i64", positions_ptr="*i64", q_ptr=p, eps="fp32"),
-        lambda rows: _config("cuda", rows, geom.hidden, geom.head_dim, geom.num_heads, geom.num_kv_heads))
+    h, d, nq, nkv = geom.hidden, geom.head_dim, geom.num_heads, geom.num_kv_heads
+    n = (nq + 2 * nkv) * d
+    meta = _tl.meta_tensor
+    return _tl.aot_row_launches("qkv_rope_cache", lambda rows, dtype: plan(
+        meta((rows, h), dtype), meta((h,), dtype), meta((n, h), dtype), meta((n,), dtype),
+        meta((geom.cache_len + 16, d // 2), torch.float32), meta((geom.cache_len + 16, d // 2), torch.float32),
+        meta((nkv, geom.cache_len, d), dtype), meta((nkv, geom.cache_len, d), dtype), meta((rows,), torch.int64),
+        meta((rows,), torch.int64), 0, nq, nkv, geom.eps, meta((rows, nq, d), dtype), target="cuda"))
 
 
 def _cases(geom: Geometry, dtype, device, gen) -> list[Case]:
