@@ -72,13 +72,15 @@ def argmax_of_blocks(val_ptr, idx_ptr, rows64, row_mask, num_blocks, BLOCK: tl.c
     """Per row: the id of the largest workspace value (blocks [row, 0..num_blocks)), the lowest
     id among equals; a NaN value wins over every number (torch.argmax), the lowest id among NaNs.
 
-    Blocks are in id order, so within a chunk the lowest id among the maxima wins and a later
-    chunk replaces the running best only when strictly larger (or NaN while the best is not).
-    Reads 8 bytes per block, bypassing L1 (the blocks were written by other programs).
+    Each lane keeps its own running best over the chunks (blocks come in id order, so a lane
+    replaces its best only when strictly larger, and keeps its first NaN); the lanes are reduced
+    once after the loop, with no cross-lane work inside it. Reads 8 bytes per block, bypassing
+    L1 (the blocks were written by other programs).
     """
-    best = tl.full(rows64.shape, float("-inf"), tl.float32)
-    best_id = tl.zeros(rows64.shape, tl.int32)
-    best_nan = rows64 < 0  # all False
+    NONE: tl.constexpr = 2147483647
+    best = tl.full([rows64.shape[0], BLOCK], float("-inf"), tl.float32)
+    best_id = tl.full([rows64.shape[0], BLOCK], NONE, tl.int32)
+    nan_id = tl.full([rows64.shape[0], BLOCK], NONE, tl.int32)
     for b0 in range(0, num_blocks, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
         mask = row_mask[:, None] & (offs < num_blocks)[None, :]
@@ -86,17 +88,14 @@ def argmax_of_blocks(val_ptr, idx_ptr, rows64, row_mask, num_blocks, BLOCK: tl.c
         vals = tl.load(val_ptr + at, mask=mask, other=float("-inf"), cache_modifier=".cg")
         ids = tl.load(idx_ptr + at, mask=mask, other=0, cache_modifier=".cg")
         is_nan = vals != vals
-        nan_id = tl.min(tl.where(is_nan, ids, 2147483647), axis=1)
-        chunk_nan = nan_id < 2147483647
-        plain = tl.where(is_nan, float("-inf"), vals)
-        chunk_best = tl.max(plain, axis=1)
-        chunk_id = tl.min(tl.where(plain == chunk_best[:, None], ids, 2147483647), axis=1)
-        chunk_id = tl.where(chunk_nan, nan_id, chunk_id)
-        take = ((chunk_best > best) | (b0 == 0) | chunk_nan) & ~best_nan
-        best_id = tl.where(take, chunk_id, best_id)
-        best = tl.where(take, chunk_best, best)
-        best_nan = best_nan | chunk_nan
-    return best_id.to(tl.int64)
+        nan_id = tl.where(is_nan & (nan_id == NONE), ids, nan_id)
+        take = mask & ~is_nan & ((vals > best) | (best_id == NONE))
+        best_id = tl.where(take, ids, best_id)
+        best = tl.where(take, vals, best)
+    first_nan = tl.min(nan_id, axis=1)
+    top = tl.max(best, axis=1)
+    chosen = tl.min(tl.where(best == top[:, None], best_id, NONE), axis=1)
+    return tl.where(first_nan < NONE, first_nan, chosen).to(tl.int64)
 
 
 @triton.jit
@@ -167,9 +166,10 @@ def _head_kernel(x_ptr, x_rows_ptr, norm_w_ptr, w_ptr, out_ptr, val_ptr, idx_ptr
                 tl.store(seen_ptr + seen_row * V + chosen, tl.full(rows64.shape, 1, tl.int1), mask=row_mask)
 
 
-# Workspace entries per step of the reduction (5253 blocks per row at 7B at R = 1: 6 steps of
-# 1024 per row). Tiny on the CPU (interpreter) so that the tests there cover the combine across
-# steps.
+# Workspace entries per step of the reduction, over all the program's rows (three running
+# [BLOCK_R, entries / BLOCK_R] arrays: 24 registers per thread at 4 warps; 5253 blocks per row
+# at 7B: 6 steps at R = 1, 83 at 16 rows). Tiny on the CPU (interpreter) so that the tests there
+# cover the combine across steps.
 _REDUCE_BLOCK = {"cuda": 1024, "cpu": 4}
 
 
@@ -207,7 +207,7 @@ def plan(x: torch.Tensor, norm_weight: torch.Tensor, w_head: torch.Tensor, eps: 
     else:
         arrivals = out  # placeholder: logits need no reduction
     flags = dict(X_ROWS=x_rows is not None, EMIT_TOKENS=tokens is not None, EMIT_SEEN=seen is not None,
-                 REDUCE_BLOCK=_REDUCE_BLOCK[target])
+                 REDUCE_BLOCK=max(2, _REDUCE_BLOCK[target] // cfg["BLOCK_R"]))
     unused = out
     return [_tl.Launch(_head_kernel, grid,
                        (x, x_rows if x_rows is not None else unused, norm_weight, w_head, out, best, first, arrivals,
