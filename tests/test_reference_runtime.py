@@ -40,7 +40,7 @@ def test_llm_logits_equal_transformers_qwen2(tensors, hf, prompt_len):
     runner.reset_slot(0, prompt, seed=0)
     ws, window, _ = runner.prepare([Span(0, 0, prompt_len, emit=False)], ahead=0)
     model.llm_step(runner.state, ws, window)
-    ours = head_logits_ref(ws.x, model.final_norm, model.lm_head, CFG.rms_norm_eps)
+    ours = head_logits_ref(runner.state.hidden[0, :prompt_len], model.final_norm, model.lm_head, CFG.rms_norm_eps)
     _, theirs = hf.llm_hidden_and_logits(prompt)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
 
@@ -58,7 +58,7 @@ def test_mctp_module_equals_formula(tensors, hf, module):
     runner.state.hidden[module, :rows] = h_k
     ws, window, _ = runner.prepare([Span(0, 0, rows, emit=False)], ahead=module + 1)
     model.mtp_step(module, runner.state, ws, window)
-    ours = head_logits_ref(ws.x, model.final_norm, model.lm_head, CFG.rms_norm_eps)
+    ours = head_logits_ref(runner.state.hidden[module + 1, :rows], model.final_norm, model.lm_head, CFG.rms_norm_eps)
     h_in = hf.llm.model.norm(h_k)  # the module consumes the post-final-norm hidden
     theirs = hf.llm.lm_head(hf.module_forward(module, tokens, h_in))
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)

@@ -58,8 +58,10 @@ class DecodeState:
 
     Row j of the sequence in region b is flat row b * S + j of every per-row buffer:
     tokens[b S + j]: every id (prompt, then generated); hidden[0][b S + j]: the LLM's raw output;
-    hidden[k][b S + j] (k >= 1): module k-1's raw output; seen[b]: which ids occurred in region
-    b's sequence (repetition penalty); kv_k / kv_v: [L + N, nkv, regions * S, d].
+    hidden[k][b S + j] (k >= 1): module k-1's raw output (hidden[N], the last module's, feeds
+    only its head: each step's last layer writes its rows straight into the history and the
+    head reads them there); seen[b]: which ids occurred in region b's sequence (repetition
+    penalty); kv_k / kv_v: [L + N, nkv, regions * S, d].
     """
 
     def __init__(self, cfg: VitaConfig, max_seq_len: int, regions: int, device: torch.device, dtype: torch.dtype):
@@ -68,7 +70,7 @@ class DecodeState:
         kv_shape = (cfg.num_layers_total, cfg.num_key_value_heads, regions * s, cfg.head_dim)
         self.kv_k = torch.zeros(kv_shape, device=device, dtype=dtype)
         self.kv_v = torch.zeros(kv_shape, device=device, dtype=dtype)
-        self.hidden = torch.zeros((n, regions * s, cfg.hidden_size), device=device, dtype=dtype)
+        self.hidden = torch.zeros((n + 1, regions * s, cfg.hidden_size), device=device, dtype=dtype)
         self.tokens = torch.zeros(regions * s, device=device, dtype=torch.int64)
         self.seen = torch.zeros((regions, cfg.vocab_size), device=device, dtype=torch.bool)
 
@@ -84,11 +86,13 @@ class DecodeState:
 # The int64 row and sequence tables of a step, in the order they sit in one upload buffer:
 # per row: flat row (cache slot, hidden row, token index), position in its sequence, flat index
 # of the token its module reads (k + 1 ahead); per sequence: first row and row count (the
-# attention grid); per emitting sequence: the row its head reads, the flat index its token goes
-# to, and its region (the seen mask's row).
+# attention grid); per emitting sequence: the flat row its head reads, the flat index its token
+# goes to, and its region (the seen mask's row).
 ROW_FIELDS = ("flat", "positions", "ahead")
-SEQ_FIELDS = ("seqs",)  # two columns
-EMIT_FIELDS = ("last_rows", "next_flat", "emit_regions")
+EMIT_FIELDS = ("last_flat", "next_flat", "emit_regions")
+# Arrival counters of the fused kernels' in-launch reductions (split-K tiles, head row blocks,
+# split-KV groups: at most ~900 per launch at 7B); zeroed once, left zeroed by every launch.
+COUNTERS = 1 << 14
 
 
 class Workspace:
@@ -103,15 +107,14 @@ class Workspace:
                                  device=device, dtype=torch.int64)
         self.flat, self.positions, self.ahead = self.table[:3 * rows].view(3, rows)
         self.seqs = self.table[3 * rows:3 * rows + 2 * num_seqs].view(num_seqs, 2)
-        self.last_rows, self.next_flat, self.emit_regions = self.table[3 * rows + 2 * num_seqs:].view(3, num_seqs)
+        self.last_flat, self.next_flat, self.emit_regions = self.table[3 * rows + 2 * num_seqs:].view(3, num_seqs)
+        self.counters = torch.zeros(COUNTERS, device=device, dtype=torch.int32)
         self.ids = torch.zeros(rows, device=device, dtype=torch.int64)
-        self.h_in = torch.zeros((rows, h), device=device, dtype=dtype)
         self.x = torch.zeros((rows, h), device=device, dtype=dtype)
         self.x1 = torch.zeros((rows, h), device=device, dtype=dtype)
         self.q = torch.zeros((rows, cfg.num_attention_heads, d), device=device, dtype=dtype)
         self.attn = torch.zeros((rows, cfg.num_attention_heads * d), device=device, dtype=dtype)
         self.mlp = torch.zeros((rows, cfg.intermediate_size), device=device, dtype=dtype)
-        self.last = torch.zeros((num_seqs, h), device=device, dtype=dtype)
         self.logits = torch.zeros((num_seqs, cfg.vocab_size), device=device, dtype=torch.float32)
         self.next_id = torch.zeros(num_seqs, device=device, dtype=torch.int64)
 
@@ -151,8 +154,10 @@ class VitaModel:
         ts += [t for m in self.mtp for t in vars(m).values()]
         return sum(t.numel() * t.element_size() for t in ts)
 
-    def _layer(self, index: int, st: DecodeState, ws: Workspace, rope_offset: int, window: int) -> None:
-        """ws.x <- DecoderLayer_index(ws.x) for the step's rows at their cache slots, in place.
+    def _layer(self, index: int, st: DecodeState, ws: Workspace, rope_offset: int, window: int,
+               level: int | None = None) -> None:
+        """ws.x <- DecoderLayer_index(ws.x) for the step's rows at their cache slots, in place; with
+        `level`, the output rows go straight into the hidden history st.hidden[level] instead.
 
         window: a static bound on every row's position + 1 (the reference attention reads only
         that many slots of each region; the fused kernel stops at each row's own slot anyway).
@@ -163,44 +168,48 @@ class VitaModel:
                            ws.flat, ws.positions, rope_offset, cfg.num_attention_heads, cfg.num_key_value_heads,
                            cfg.rms_norm_eps, out=ws.q)
         ops.attention(ws.q, k_cache, v_cache, ws.flat, ws.positions, out=ws.attn, seqs=ws.seqs,
-                      max_seq_rows=ws.max_seq_rows, window=window)
-        ops.linear(ws.attn, w.w_o, None, ws.x, out=ws.x1)  # x1 = x + o_proj(attn)
+                      max_seq_rows=ws.max_seq_rows, window=window, counters=ws.counters)
+        ops.linear(ws.attn, w.w_o, None, ws.x, out=ws.x1, counters=ws.counters)  # x1 = x + o_proj(attn)
         ops.norm_gate_up(ws.x1, w.post_norm, w.w_gate_up, cfg.rms_norm_eps, out=ws.mlp)
-        ops.linear(ws.mlp, w.w_down, None, ws.x1, out=ws.x)  # x = x1 + down_proj(mlp)
+        if level is None:  # x = x1 + down_proj(mlp)
+            ops.linear(ws.mlp, w.w_down, None, ws.x1, out=ws.x, counters=ws.counters)
+        else:
+            ops.linear(ws.mlp, w.w_down, None, ws.x1, out=st.hidden[level], out_rows=ws.flat, counters=ws.counters)
 
     def llm_step(self, st: DecodeState, ws: Workspace, window: int) -> None:
         """LLM over the step's rows (chunked prefill, per sequence); raw rows -> hidden[0]."""
         torch.index_select(st.tokens, 0, ws.flat, out=ws.ids)
         torch.index_select(self.embed, 0, ws.ids, out=ws.x)
+        last = self.cfg.num_llm_layers - 1
         for i in range(self.cfg.num_llm_layers):
-            self._layer(i, st, ws, 0, window)
-        st.hidden[0].index_copy_(0, ws.flat, ws.x)
+            self._layer(i, st, ws, 0, window, level=0 if i == last else None)
 
     def mtp_step(self, k: int, st: DecodeState, ws: Workspace, window: int) -> None:
-        """Module k over the step's rows: reads hidden[k] and the tokens k + 1 ahead; writes hidden[k+1]."""
+        """Module k over the step's rows: reads hidden[k] and the tokens k + 1 ahead (gathered by
+        its input kernel); writes hidden[k+1]."""
         cfg, m = self.cfg, self.mtp[k]
-        torch.index_select(st.hidden[k], 0, ws.flat, out=ws.h_in)
-        torch.index_select(st.tokens, 0, ws.ahead, out=ws.ids)
-        self.ops.mtp_input(ws.ids, self.embed, ws.h_in, self.final_norm, m.emb_norm, m.hid_norm, m.w_proj,
-                           cfg.rms_norm_eps, out=ws.x)
-        self._layer(cfg.num_llm_layers + k, st, ws, k + 1, window)
-        if k + 1 < cfg.num_mtp_modules:  # the last module's rows feed nothing but its head
-            st.hidden[k + 1].index_copy_(0, ws.flat, ws.x)
+        self.ops.mtp_input(st.tokens, self.embed, st.hidden[k], self.final_norm, m.emb_norm, m.hid_norm, m.w_proj,
+                           cfg.rms_norm_eps, out=ws.x, id_rows=ws.ahead, hidden_rows=ws.flat, counters=ws.counters)
+        self._layer(cfg.num_llm_layers + k, st, ws, k + 1, window, level=k + 1)
 
-    def emit(self, st: DecodeState, ws: Workspace, samplers: list | None) -> None:
-        """Head on each emitting sequence's last row; its id goes to tokens[next_flat] and `seen`.
+    def emit(self, st: DecodeState, ws: Workspace, level: int, samplers: list | None) -> None:
+        """Head on each emitting sequence's last row (read from hidden[level]); its id goes to
+        tokens[next_flat] and `seen`.
 
         samplers: None when every sequence decodes greedily with no penalty (the head's fused
-        argmax), else one (SamplingParams, generator, region) per emitting sequence (padding
-        entries included), each applied to its own row of logits with its region's seen mask.
+        argmax writes token and seen mask itself), else one (SamplingParams, generator, region)
+        per emitting sequence (padding entries included), each applied to its own row of logits
+        with its region's seen mask.
         """
         eps = self.cfg.rms_norm_eps
-        torch.index_select(ws.x, 0, ws.last_rows, out=ws.last)
+        hidden = st.hidden[level]
         if samplers is None:
-            self.ops.head_argmax(ws.last, self.final_norm, self.lm_head, eps, out=ws.next_id)
-        else:
-            self.ops.head_logits(ws.last, self.final_norm, self.lm_head, eps, out=ws.logits)
-            for i, (params, generator, region) in enumerate(samplers):
-                select_next(ws.logits[i:i + 1], st.seen[region], params, generator, out=ws.next_id[i:i + 1])
+            self.ops.head_argmax(hidden, self.final_norm, self.lm_head, eps, out=ws.next_id, x_rows=ws.last_flat,
+                                 tokens=st.tokens, token_index=ws.next_flat, seen=st.seen,
+                                 seen_rows=ws.emit_regions, counters=ws.counters)
+            return
+        self.ops.head_logits(hidden, self.final_norm, self.lm_head, eps, out=ws.logits, x_rows=ws.last_flat)
+        for i, (params, generator, region) in enumerate(samplers):
+            select_next(ws.logits[i:i + 1], st.seen[region], params, generator, out=ws.next_id[i:i + 1])
         st.tokens.index_copy_(0, ws.next_flat, ws.next_id)
         st.seen.index_put_((ws.emit_regions, ws.next_id), torch.ones((), dtype=torch.bool, device=st.seen.device))

@@ -105,14 +105,14 @@ class DecodeRunner:
     def llm_step(self, spans: list[Span], params: list[SamplingParams]) -> None:
         """The LLM over each span's rows (one sequence each), emitting where span.emit;
         `params` are the emitting spans' sampling parameters, in order."""
-        self._step(("llm",), spans, 0, params, lambda ws, window: self.model.llm_step(self.state, ws, window))
+        self._step(("llm",), spans, 0, 0, params, lambda ws, window: self.model.llm_step(self.state, ws, window))
 
     def mtp_step(self, k: int, spans: list[Span], params: list[SamplingParams]) -> None:
         """Module k over each span's rows, every span emitting its token k + 1 ahead."""
-        self._step(("mtp", k), spans, k + 1, params,
+        self._step(("mtp", k), spans, k + 1, k + 1, params,
                    lambda ws, window: self.model.mtp_step(k, self.state, ws, window))
 
-    def _step(self, kind: tuple, spans: list[Span], ahead: int, params: list[SamplingParams],
+    def _step(self, kind: tuple, spans: list[Span], ahead: int, level: int, params: list[SamplingParams],
               forward: Callable[[Workspace, int], None]) -> None:
         emitters = [sp for sp in spans if sp.emit]
         greedy = all(p.fused_greedy for p in params)
@@ -126,7 +126,7 @@ class DecodeRunner:
         def run() -> None:
             forward(ws, window)
             if emitters:
-                self.model.emit(self.state, ws, samplers)
+                self.model.emit(self.state, ws, level, samplers)
 
         self._execute(kind + (ws.rows, ws.num_seqs, bool(emitters)), graphed, run)
 
@@ -143,10 +143,10 @@ class DecodeRunner:
         ws.max_seq_rows = rows_p if padded else max(sp.rows for sp in spans)
         window = s if padded else max(sp.first + sp.rows for sp in spans)
 
-        flat, positions, seq_table, last_rows, next_flat, regions = [], [], [], [], [], []
+        flat, positions, seq_table, last_flat, next_flat, regions = [], [], [], [], [], []
         for sp in spans:
             if sp.emit:
-                last_rows.append(len(flat) + sp.rows - 1)
+                last_flat.append(sp.slot * s + sp.first + sp.rows - 1)
                 next_flat.append(sp.slot * s + sp.first + sp.rows + ahead)
                 regions.append(sp.slot)
             seq_table += [len(flat), sp.rows]
@@ -154,15 +154,15 @@ class DecodeRunner:
             flat += range(sp.slot * s + sp.first, sp.slot * s + sp.first + sp.rows)
         ahead_flat = [f + ahead for f in flat]
         # Padding: rows in the scratch region, sequences with no rows, emits into scratch.
-        pad_rows, pad_emit = rows_p - rows, seqs_p - len(last_rows)
+        pad_rows, pad_emit = rows_p - rows, seqs_p - len(last_flat)
         flat += range(self.scratch * s, self.scratch * s + pad_rows)
         positions += range(pad_rows)
         ahead_flat += [self.scratch * s] * pad_rows
         seq_table += [rows_p, 0] * (seqs_p - len(spans))
-        last_rows += [0] * pad_emit
+        last_flat += [self.scratch * s] * pad_emit
         next_flat += [self.scratch * s + s - 1] * pad_emit
         regions += [self.scratch] * pad_emit
-        self._upload(ws, flat + positions + ahead_flat + seq_table + last_rows + next_flat + regions)
+        self._upload(ws, flat + positions + ahead_flat + seq_table + last_flat + next_flat + regions)
         return ws, window, padded
 
     def _upload(self, ws: Workspace, values: list[int]) -> None:

@@ -92,12 +92,20 @@ def linear_cuda(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    *,
+    out_rows: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = residual + (x @ W^T + bias).to(dtype); bias and residual optional.
 
     x: [R, K]; weight: [N, K]; bias: [N]; residual: [R, N]; all bf16 or fp16 on one GPU.
-    Returns [R, N]. See vita_kernels.linear.linear_ref.
+    Returns [R, N]. See vita_kernels.linear.linear_ref. out_rows (a scatter into `out`) is a
+    second step here (index_copy_), where the Triton kernel stores in place; counters are unused
+    (no split-K).
     """
+    if out_rows is not None:
+        out.index_copy_(0, out_rows, linear_cuda(x, weight, bias, residual))
+        return out
     _check(x, "x", (None, None), "[R, K]")
     rows, k = x.shape
     _check(weight, "weight", (None, k), "[N, K]", like=x)
@@ -162,12 +170,28 @@ def head_argmax_cuda(
     w_head: torch.Tensor,
     eps: float,
     out: torch.Tensor | None = None,
+    *,
+    x_rows: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    token_index: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    seen_rows: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ids = argmax(head_logits(x)), the lowest id among equal maxima. Returns [R] int64.
 
     x: [R, H] raw final hidden rows (R <= 1024); norm_weight: [H]; w_head: [V, H]. Logits are
-    compared after rounding to the model dtype. See vita_kernels.head.head_argmax_ref.
+    compared after rounding to the model dtype. See vita_kernels.head.head_argmax_ref. The row
+    gather (x_rows) and the emit epilogue (tokens, seen) are separate torch ops here, where the
+    Triton kernel folds them in; counters are unused.
     """
+    if x_rows is not None or tokens is not None or seen is not None:
+        ids = head_argmax_cuda(x if x_rows is None else x.index_select(0, x_rows), norm_weight, w_head, eps, out)
+        if tokens is not None:
+            tokens.index_copy_(0, token_index, ids)
+        if seen is not None:
+            seen.index_put_((seen_rows, ids), torch.ones((), dtype=torch.bool, device=seen.device))
+        return ids
     _check(x, "x", (None, None), "[R, H]")
     rows, h = x.shape
     _check(norm_weight, "norm_weight", (h,), "[H]", like=x)
