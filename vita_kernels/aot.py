@@ -365,7 +365,8 @@ REPORT_INTRO = """# GEMV-family kernels at the 7B shapes: static report
 
 **Derived from compiled code, not a measurement.** Every row is a launch the launchers plan
 for the 7B geometry (bf16; R = 1 also fp16), compiled for sm_{arch} by `python -m
-vita_kernels.aot --report` with the JIT's own argument specialisation (Triton {triton}).
+vita_kernels.aot --report` with the JIT's own argument specialisation (Triton {triton}, code at
+commit {commit}).
 Registers, stack (spills) and shared memory come from the cubin (cuobjdump); weight-load
 widths and shuffles from the PTX; the rest is arithmetic on those numbers:
 
@@ -390,6 +391,21 @@ widths and shuffles from the PTX; the rest is arithmetic on those numbers:
 """
 
 
+def _git_commit() -> str:
+    """The code's commit (with "+dirty" for uncommitted changes), or "unknown" outside a checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def write_report(results: list[AotResult], directory: str) -> tuple[str, str]:
     import triton
 
@@ -403,7 +419,9 @@ def write_report(results: list[AotResult], directory: str) -> tuple[str, str]:
                      problems=variant_problems(r), **derive(r))
         rows.append(entry)
     arch = results[0].arch if results else 90
-    md = [REPORT_INTRO.format(arch=arch, triton=triton.__version__, lat_lo=LATENCY_NS[0], lat_hi=LATENCY_NS[1]), ""]
+    commit = _git_commit()
+    md = [REPORT_INTRO.format(arch=arch, triton=triton.__version__, commit=commit, lat_lo=LATENCY_NS[0],
+                              lat_hi=LATENCY_NS[1]), ""]
     md += ["| op, dtype, rows | kernel | grid | BLOCK R/N/K, split, warps, stages | regs | spills B | smem B "
            "| programs/SM | weight B/program | in flight/SM | 128-bit | shfl/16KB | H100 band | H200 band |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -429,6 +447,7 @@ def write_report(results: list[AotResult], directory: str) -> tuple[str, str]:
         f.write("\n".join(md) + "\n")
     with open(json_path, "w") as f:
         json.dump(dict(note="derived from compiled code, not a measurement", triton=triton.__version__,
+                       git_commit=commit,
                        sms=SMS, regs_per_sm=REGS_PER_SM, smem_per_sm=SMEM_PER_SM, latency_ns=LATENCY_NS,
                        ceilings_tbs=CEILING_TBS, variants=rows), f, indent=1)
     return md_path, json_path
