@@ -43,17 +43,18 @@ def attention_ref(
     num_kv_heads, max_len, _ = k_cache.shape
     group = num_heads // num_kv_heads
     qg = q.float().view(rows, num_kv_heads, group, head_dim).transpose(0, 1)  # [nkv, R, group, d]
-    last = cache_rows.reshape(rows, 1)
-    first = last - positions.reshape(rows, 1)
     if window is None:
-        slots = torch.arange(max_len, device=q.device)[None, :].expand(rows, -1)  # [R, S]
+        last = cache_rows.reshape(rows, 1)
+        slot = torch.arange(max_len, device=q.device)
+        hidden = (slot > last) | (slot < last - positions.reshape(rows, 1))  # [R, S]
         keys, values = k_cache.float()[:, None], v_cache.float()[:, None]  # [nkv, 1, S, d]
-    else:
-        slots = (first + torch.arange(min(window, max_len), device=q.device)[None, :]).clamp(max=max_len - 1)
+    else:  # slot first_r + j for j < window: visible while j <= positions[r]
+        offset = torch.arange(min(window, max_len), device=q.device)
+        slots = (cache_rows - positions).reshape(rows, 1).add(offset).clamp_(max=max_len - 1)  # [R, W]
+        hidden = offset > positions.reshape(rows, 1)
         keys, values = k_cache[:, slots].float(), v_cache[:, slots].float()  # [nkv, R, W, d]
-    visible = (slots >= first) & (slots <= last)  # [R, S or W]
-    scores = torch.matmul(qg, keys.transpose(-1, -2)) / math.sqrt(head_dim)  # [nkv, R, group, S or W]
-    scores = scores.masked_fill(~visible[None, :, None, :], float("-inf"))
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(1.0 / math.sqrt(head_dim))  # [nkv, R, group, S or W]
+    scores.masked_fill_(hidden[None, :, None, :], float("-inf"))
     o = torch.matmul(scores.softmax(dim=-1), values)  # [nkv, R, group, d]
     o = o.transpose(0, 1).reshape(rows, num_heads * head_dim).to(q.dtype)
     if out is not None:
