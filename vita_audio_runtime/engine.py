@@ -1,8 +1,12 @@
 """The generation engine: checkpoint or preset in; tokens, producers, audio chunks and timings out,
 for many requests at once.
 
-One worker thread owns the device state and runs the decode loop (`_tick`); every public call
-is safe from any thread: it validates, queues a Request and waits on it.
+Every public call is safe from any thread: it validates and queues a Request. Whoever waits on a
+request (iterating it, `result()`, `generate`, `stream`, `astream`) drives the decode loop
+(`_tick`) for everyone while it waits, one driver at a time; the others wait for its ticks and
+take over when it leaves. So a lone caller runs the loop in its own thread (no hand-off per
+token, and on a CPU no second OpenMP thread team), and with many callers the batch keeps moving
+as long as anyone waits.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import asyncio
 import itertools
 import math
 import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator, Sequence
 
@@ -63,8 +68,8 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
         self.runner = DecodeRunner(self.model, max_seq_len, max_batch, use_graphs)
         self._ids = itertools.count()
-        self._lock = threading.Condition()  # guards the scheduler's queue and the worker's life
-        self._worker: threading.Thread | None = None
+        self._lock = threading.Condition()  # guards the scheduler's queue; notified after every tick
+        self._driver = threading.Lock()  # held by the one thread running ticks
         self._closed: BaseException | None = None
 
     @classmethod
@@ -149,7 +154,7 @@ class Engine:
         QueueFullError when every slot is busy and max_queue requests already wait."""
         params = self.request_params(prompt_ids, mode, max_new_tokens, do_sample, temperature, top_k, top_p,
                                      repetition_penalty, seed, ignore_eos)
-        state = RequestState(next(self._ids), params, self.special, self.cfg.num_mtp_modules)
+        state = RequestState(next(self._ids), params, self.special, self.cfg.num_mtp_modules, drive=self._drive)
         with self._lock:
             if self._closed is not None:
                 raise EngineClosedError(f"the engine is closed: {self._closed}")
@@ -159,10 +164,7 @@ class Engine:
                 raise QueueFullError(f"all {self.max_batch} slots are busy and {len(sched.waiting)} requests wait "
                                      f"(max_queue {self.max_queue}): retry later")
             sched.waiting.append(state)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name="vita-audio-engine", daemon=True)
-                self._worker.start()
-            self._lock.notify_all()
+            self._lock.notify_all()  # a waiting follower may drive it in
         return Request(state)
 
     def generate(self, prompt_ids: Sequence[int], mode=None, max_new_tokens: int = 64, do_sample=None,
@@ -209,38 +211,62 @@ class Engine:
         return self.runner.memory_report()
 
     def close(self) -> None:
-        """Stop the worker; unfinished requests end with stop_reason "cancelled"."""
+        """Stop serving: unfinished requests end with stop_reason "cancelled"; new ones are refused."""
         with self._lock:
             if self._closed is None:
                 self._closed = EngineClosedError("closed by Engine.close()")
             self._lock.notify_all()
-            worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join()
+        with self._driver:  # any running tick completes first
+            self._end_all(None)
 
     # -- the decode loop -------------------------------------------------------------------------
-    def _serve(self) -> None:
-        """The worker: tick while any request runs or waits; sleep otherwise. A failed step
-        leaves the device state unknown: every request then ends with that error, and the
-        engine refuses new ones."""
-        sched, failure = self.scheduler, None
-        while True:
+    def _drive(self, ready, timeout: float | None = None) -> None:
+        """Run ticks until `ready()` (or the timeout, or the engine closes), while no other thread
+        does; otherwise wait for that thread's ticks, taking over when it leaves."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready() and self._closed is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if self._driver.acquire(blocking=False):
+                try:
+                    while not ready() and self._closed is None:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            return
+                        if not self._step_once():
+                            break  # nothing left to run: `ready` was decided by a finish
+                finally:
+                    self._driver.release()
+                    with self._lock:
+                        self._lock.notify_all()  # a follower takes over
+                continue
             with self._lock:
-                while sched.idle and self._closed is None:
-                    self._lock.wait()
-                if self._closed is not None:
-                    break
-                admitted = sched.admit()
-            try:
-                for state in admitted:
-                    self.runner.reset_slot(state.slot, state.request.params.prompt, state.request.params.seed)
-                self._tick()
-            except BaseException as error:
-                failure = EngineClosedError(f"the engine failed: {error!r}")
-                failure.__cause__ = error
-                with self._lock:
-                    self._closed = failure
-                break
+                self._lock.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+
+    def _step_once(self) -> bool:
+        """One tick (admitting waiting requests first); False when nothing waits or runs. A failed
+        step leaves the device state unknown: every request then ends with that error, and the
+        engine refuses new ones."""
+        with self._lock:
+            if self.scheduler.idle:
+                return False
+            admitted = self.scheduler.admit()
+        try:
+            for state in admitted:
+                self.runner.reset_slot(state.slot, state.request.params.prompt, state.request.params.seed)
+            self._tick()
+        except Exception as error:  # noqa: BLE001 - delivered to every request's waiters
+            failure = EngineClosedError(f"the engine failed: {error!r}")
+            failure.__cause__ = error
+            with self._lock:
+                self._closed = failure
+            self._end_all(failure)
+            return False
+        with self._lock:
+            self._lock.notify_all()
+        return True
+
+    def _end_all(self, failure: BaseException | None) -> None:
+        sched = self.scheduler
         with self._lock:
             unfinished = list(sched.waiting) + [s.request for s in sched.running.values()]
             sched.waiting.clear()

@@ -118,8 +118,11 @@ class RequestState:
     """The engine's side of one generation: what the worker produces into and callers read
     from. Callers hold it through a `Request` handle."""
 
-    def __init__(self, request_id: int, params: RequestParams, special: SpecialTokens, num_mtp_modules: int):
+    def __init__(self, request_id: int, params: RequestParams, special: SpecialTokens, num_mtp_modules: int,
+                 drive=None):
+        """drive(ready, timeout=None): the engine's loop, run by a waiting consumer until ready()."""
         self.id = request_id
+        self._drive = drive
         self.params = params
         self._chunker = AudioChunker(special)
         self._eos = frozenset(special.eos_ids)
@@ -146,6 +149,8 @@ class RequestState:
             raise RuntimeError(f"request {self.id}'s events are already being consumed")
         self._consumed = True
         while True:
+            if self._drive is not None and self._events.empty():
+                self._drive(lambda: not self._events.empty())
             event = self._events.get()
             if event is _DONE:
                 break
@@ -155,6 +160,8 @@ class RequestState:
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the end (EOS, length, cancellation) and return the whole result."""
+        if self._drive is not None:
+            self._drive(self._done.is_set, timeout)
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         if self.error is not None:
