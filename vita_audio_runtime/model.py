@@ -13,6 +13,7 @@ import torch
 
 from vita_audio_runtime.config import VitaConfig
 from vita_kernels.backend import KernelBackend
+from vita_kernels.head import write_emitted
 from vita_kernels.qkv_rope import rope_tables
 from vita_kernels.sampling import SamplingParams, select_next
 
@@ -211,5 +212,4 @@ class VitaModel:
         self.ops.head_logits(hidden, self.final_norm, self.lm_head, eps, out=ws.logits, x_rows=ws.last_flat)
         for i, (params, generator, region) in enumerate(samplers):
             select_next(ws.logits[i:i + 1], st.seen[region], params, generator, out=ws.next_id[i:i + 1])
-        st.tokens.index_copy_(0, ws.next_flat, ws.next_id)
-        st.seen.index_put_((ws.emit_regions, ws.next_id), torch.ones((), dtype=torch.bool, device=st.seen.device))
+        write_emitted(ws.next_id, st.tokens, ws.next_flat, st.seen, ws.emit_regions)

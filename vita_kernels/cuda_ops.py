@@ -186,11 +186,10 @@ def head_argmax_cuda(
     Triton kernel folds them in; counters are unused.
     """
     if x_rows is not None or tokens is not None or seen is not None:
+        from vita_kernels.head import write_emitted
+
         ids = head_argmax_cuda(x if x_rows is None else x.index_select(0, x_rows), norm_weight, w_head, eps, out)
-        if tokens is not None:
-            tokens.index_copy_(0, token_index, ids)
-        if seen is not None:
-            seen.index_put_((seen_rows, ids), torch.ones((), dtype=torch.bool, device=seen.device))
+        write_emitted(ids, tokens, token_index, seen, seen_rows)
         return ids
     _check(x, "x", (None, None), "[R, H]")
     rows, h = x.shape

@@ -57,14 +57,21 @@ def head_argmax_ref(
     masks). counters: the fused kernel's arrival counters (int32), unused here.
     """
     ids = head_logits_ref(x, norm_weight, w_head, eps, x_rows=x_rows).argmax(dim=-1)
-    if tokens is not None:
-        tokens.index_copy_(0, token_index, ids)
-    if seen is not None:
-        seen.index_put_((seen_rows, ids), torch.ones((), dtype=torch.bool, device=seen.device))
+    write_emitted(ids, tokens, token_index, seen, seen_rows)
     if out is not None:
         out.copy_(ids)
         return out
     return ids
+
+
+def write_emitted(ids: torch.Tensor, tokens: torch.Tensor | None, token_index: torch.Tensor | None,
+                  seen: torch.Tensor | None, seen_rows: torch.Tensor | None) -> None:
+    """The emit epilogue with torch ops: tokens[token_index[r]] = ids[r] and seen[seen_rows[r],
+    ids[r]] = True, each where given (the fused head does both in its kernel)."""
+    if tokens is not None:
+        tokens.index_copy_(0, token_index, ids)
+    if seen is not None:
+        seen.index_put_((seen_rows, ids), torch.ones((), dtype=torch.bool, device=seen.device))
 
 
 @triton.jit
