@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 class Engine:
-    """A loaded model, its kernels, `max_batch` decode slots and the worker that serves them.
+    """A loaded model, its kernels and `max_batch` decode slots, served by the callers that wait.
 
     Build with `Engine.from_pretrained(path_or_preset, device=..., dtype=..., backend=...)`.
     `submit` queues a request and returns at once; `generate`, `stream` and `astream` wrap it.

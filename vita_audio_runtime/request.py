@@ -1,6 +1,6 @@
 """A generation request as its caller sees it: parameters in; events, a result and timings out.
 
-The engine's worker thread produces into a request (`_push`, `_finish`); any other thread (or
+The thread driving the engine's loop produces into a request (`_push`, `_finish`); any thread (or
 an asyncio task, through `Engine.astream`) consumes from it. Nothing here touches the device.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ _DONE = object()  # end-of-events marker in a request's event queue
 
 
 class RequestState:
-    """The engine's side of one generation: what the worker produces into and callers read
+    """The engine's side of one generation: what the decode loop produces into and callers read
     from. Callers hold it through a `Request` handle."""
 
     def __init__(self, request_id: int, params: RequestParams, special: SpecialTokens, num_mtp_modules: int,

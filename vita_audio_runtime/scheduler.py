@@ -69,7 +69,7 @@ class SlotState:
 
 
 class Scheduler:
-    """Slots, the waiting queue and the tick plan. Called by the engine's worker only."""
+    """Slots, the waiting queue and the tick plan. Called by the engine, under its lock or by its one driving thread."""
 
     def __init__(self, max_batch: int, max_queue: int, num_modules: int, prefill_chunk: int):
         if max_batch < 1:
