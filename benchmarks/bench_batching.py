@@ -111,14 +111,10 @@ def main(argv: list[str] | None = None) -> int:
               "new_tokens": args.new_tokens, "runs": args.runs, "max_batch": engine.max_batch, "rows": rows}
     where = harness.slug(harness.device_name(env).split(" (")[0])
     out = args.out or harness.RESULTS_DIR / f"{where}-{args.preset}-batching-{_dt.date.today().isoformat()}"
-    out.mkdir(parents=True, exist_ok=True)
-    harness.write_json(out / "results.json", record)
-    text = (f"### Continuous batching: preset `{args.preset}`, {record['dtype']}, backend {record['backend']}, "
-            f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens per request, median of {args.runs} runs\n\n"
-            f"{harness.device_name(env)}, torch {env['torch']}, commit {env['git_commit']}"
-            f"{' (dirty)' if env['git_dirty'] else ''}, {env['date_utc']}\n\n"
-            + harness.markdown_table(rows, COLUMNS) + "\n")
-    (out / "results.md").write_text(text)
+    text = harness.write_results(out, record, f"Continuous batching: preset `{args.preset}`, {record['dtype']}, "
+                                 f"backend {record['backend']}, {args.prompt_len}-token prompts, {args.new_tokens} new "
+                                 f"tokens per request, median of {args.runs} runs", harness.device_name(env), rows,
+                                 COLUMNS)
     print(text)
     engine.close()
     return 0

@@ -73,14 +73,9 @@ def main(argv: list[str] | None = None) -> int:
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs_per_mode": args.runs,
               "rows": rows}
     out = args.out or harness.RESULTS_DIR / f"cpu-{args.preset}-{_dt.date.today().isoformat()}"
-    out.mkdir(parents=True, exist_ok=True)
-    harness.write_json(out / "results.json", record)
-    text = (f"### Modes on a CPU: preset `{args.preset}`, {first['dtype']}, backend torch, "
-            f"{args.prompt_len}-token prompt, {args.new_tokens} new tokens, median of {args.runs} runs\n\n"
-            f"{env['cpu']}, torch {env['torch']}, commit {env['git_commit']}"
-            f"{' (dirty)' if env['git_dirty'] else ''}, {env['date_utc']}\n\n"
-            + harness.markdown_table(rows, COLUMNS) + "\n")
-    (out / "results.md").write_text(text)
+    text = harness.write_results(out, record, f"Modes on a CPU: preset `{args.preset}`, {first['dtype']}, backend "
+                                 f"torch, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, median of "
+                                 f"{args.runs} runs", env["cpu"], rows, COLUMNS)
     print(text)
     return 0
 

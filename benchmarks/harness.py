@@ -371,6 +371,19 @@ def write_json(path: Path, obj: Any) -> Path:
     return path
 
 
+def write_results(out: Path, record: dict, title: str, machine: str, rows: Sequence[dict],
+                  columns: Sequence[Column]) -> str:
+    """results.json (the record) and results.md (title, machine, versions, commit, date, table)
+    into `out`; returns the markdown."""
+    env = record["environment"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", record)
+    text = (f"### {title}\n\n{machine}, torch {env['torch']}, commit {env['git_commit']}"
+            f"{' (dirty)' if env['git_dirty'] else ''}, {env['date_utc']}\n\n" + markdown_table(rows, columns) + "\n")
+    (out / "results.md").write_text(text)
+    return text
+
+
 def plot_against_floor(panels: Sequence[dict], path: Path, title: str) -> tuple[Path | None, str]:
     """One bar chart per panel: median µs per case and implementation, the floor as a black bar.
 

@@ -128,6 +128,16 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, out_rows_ptr, part_ptr
                         HAS_BIAS, HAS_RESIDUAL)
 
 
+def split_k_buffers(grid: tuple[int, int, int], rows: int, n: int, counters, placeholder: torch.Tensor):
+    """(partials, arrival counters) of a split-K launch over `grid` (its third axis the split):
+    [SPLIT_K, rows, n] fp32 partials and one counter per (column tile, row block); without a
+    split, `placeholder` for both (the kernel never touches them)."""
+    if grid[2] == 1:
+        return placeholder, placeholder
+    partials = torch.empty((grid[2], rows, n), dtype=torch.float32, device=placeholder.device)
+    return partials, _tl.counters_for(grid[0] * grid[1], counters, placeholder.device)
+
+
 def config(target: str, rows: int, n: int, k: int) -> dict:
     """Launch configuration (constexprs and options) of `linear` for `rows` x [n, k] on `target`
     ("cuda" or "cpu", the interpreter)."""
@@ -143,10 +153,7 @@ def plan(x: torch.Tensor, weight: torch.Tensor, bias, residual, out: torch.Tenso
     cfg = config(target, rows, n, k)
     split_k = cfg["SPLIT_K"]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), _tl.row_grid(rows, cfg["BLOCK_R"]), split_k)
-    partials, arrivals = out, x  # placeholders where unused
-    if split_k > 1:
-        partials = torch.empty((split_k, rows, n), dtype=torch.float32, device=x.device)
-        arrivals = _tl.counters_for(grid[0] * grid[1], counters, x.device)
+    partials, arrivals = split_k_buffers(grid, rows, n, counters, x)
     return [_tl.Launch(_linear_kernel, grid,
                        (x, weight, bias if bias is not None else weight, residual if residual is not None else out,
                         out, out_rows if out_rows is not None else x, partials, arrivals, rows, n, x.stride(0),

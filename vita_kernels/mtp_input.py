@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from vita_kernels import _tl
-from vita_kernels.linear import split_k_sum
+from vita_kernels.linear import split_k_buffers, split_k_sum
 from vita_kernels.norm import rmsnorm_ref
 from vita_kernels.registry import GEOMETRIES, Case, Geometry, OpSpec, norm_weight, randn, weight
 
@@ -136,10 +136,7 @@ def plan(ids, embed, hidden, final_norm_weight, emb_norm_weight, hid_norm_weight
     cfg = config(target, rows, size)
     split_k = cfg["SPLIT_K"]
     grid = (triton.cdiv(size, cfg["BLOCK_N"]), _tl.row_grid(rows, cfg["BLOCK_R"]), split_k)
-    partials, arrivals = out, ids  # placeholders where unused
-    if split_k > 1:
-        partials = torch.empty((split_k, rows, size), dtype=torch.float32, device=hidden.device)
-        arrivals = _tl.counters_for(grid[0] * grid[1], counters, hidden.device)
+    partials, arrivals = split_k_buffers(grid, rows, size, counters, ids)
     return [_tl.Launch(_mtp_input_kernel, grid,
                        (ids, id_rows if id_rows is not None else ids, embed, hidden,
                         hidden_rows if hidden_rows is not None else ids, final_norm_weight, emb_norm_weight,
