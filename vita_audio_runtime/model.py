@@ -15,7 +15,7 @@ from vita_audio_runtime.config import VitaConfig
 from vita_kernels.backend import KernelBackend
 from vita_kernels.head import write_emitted
 from vita_kernels.qkv_rope import rope_tables
-from vita_kernels.sampling import SamplingParams, select_next
+from vita_kernels.sampling import select_next
 
 
 @dataclass
@@ -104,11 +104,11 @@ class Workspace:
         h, d = cfg.hidden_size, cfg.head_dim
         self.rows, self.num_seqs = rows, num_seqs
         self.max_seq_rows = rows
-        self.table = torch.zeros(len(ROW_FIELDS) * rows + 2 * num_seqs + len(EMIT_FIELDS) * num_seqs,
-                                 device=device, dtype=torch.int64)
-        self.flat, self.positions, self.ahead = self.table[:3 * rows].view(3, rows)
-        self.seqs = self.table[3 * rows:3 * rows + 2 * num_seqs].view(num_seqs, 2)
-        self.last_flat, self.next_flat, self.emit_regions = self.table[3 * rows + 2 * num_seqs:].view(3, num_seqs)
+        per_row, seq_end = len(ROW_FIELDS) * rows, len(ROW_FIELDS) * rows + 2 * num_seqs
+        self.table = torch.zeros(seq_end + len(EMIT_FIELDS) * num_seqs, device=device, dtype=torch.int64)
+        self.flat, self.positions, self.ahead = self.table[:per_row].view(len(ROW_FIELDS), rows)
+        self.seqs = self.table[per_row:seq_end].view(num_seqs, 2)
+        self.last_flat, self.next_flat, self.emit_regions = self.table[seq_end:].view(len(EMIT_FIELDS), num_seqs)
         self.counters = torch.zeros(COUNTERS, device=device, dtype=torch.int32)
         self.ids = torch.zeros(rows, device=device, dtype=torch.int64)
         self.x = torch.zeros((rows, h), device=device, dtype=dtype)

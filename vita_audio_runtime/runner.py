@@ -57,10 +57,8 @@ class DecodeRunner:
         self.graph_pool_bytes = 0
         self._pool = None
         self.generators = [torch.Generator(device=self.device) for _ in range(max_batch)]
-        pinned = self.device.type == "cuda"
         self._staging: list[tuple[torch.Tensor | None, torch.cuda.Event | None]] = [(None, None)] * self.STAGING_RING
         self._staging_next = 0
-        self._pinned = pinned
 
     # -- buffers -----------------------------------------------------------------------------
     def workspace(self, rows: int, num_seqs: int) -> Workspace:
@@ -169,7 +167,7 @@ class DecodeRunner:
         """values -> ws.table with one copy; on a GPU through a pinned buffer that no pending
         copy still reads (each buffer's last copy is fenced by an event)."""
         host = torch.tensor(values, dtype=torch.int64)
-        if not self._pinned:
+        if self.device.type != "cuda":  # no asynchronous copy to fence
             ws.table.copy_(host)
             return
         i = self._staging_next
